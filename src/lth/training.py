@@ -1,0 +1,222 @@
+"""The training loop: plain, fast, masked, resumable.
+
+Data order is a pure function of (seed, epoch), and stochastic layers are reseeded per iteration, so a
+run can start at any iteration (rewinding) or resume from a checkpoint and produce bit-identical
+results. Validation is evaluated every `eval_every` iterations; the test set only every `test_every`
+iterations and once on the best-validation weights, which gives the same early-stopping test accuracy
+as testing every time at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lth.data import Data, Split, augment_batch
+from lth.hparams import TrainingHparams
+from lth.pruning import Mask
+
+CURVE_COLUMNS = ("iteration", "train_loss", "val_loss", "val_accuracy", "test_accuracy")
+
+
+@dataclass
+class TrainResult:
+    state: dict[str, torch.Tensor]  # final weights
+    curve: list[dict[str, float]]  # one row per evaluation
+    metrics: dict[str, float]
+    rewind_state: dict[str, torch.Tensor] | None = None  # weights at the rewind iteration, when asked for
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time by phase: train, eval
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if logits.shape[-1] == 1:
+        return F.binary_cross_entropy_with_logits(logits.squeeze(-1), y)
+    return F.cross_entropy(logits, y)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> tuple[float, float]:
+    """(mean loss, accuracy) over a split."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for i in range(0, len(split), batch_size):
+        x, y = split.x[i:i + batch_size], split.y[i:i + batch_size]
+        logits = model(x)
+        total_loss += float(loss_fn(logits, y)) * len(y)
+        if logits.shape[-1] == 1:
+            correct += int(((logits.squeeze(-1) > 0).float() == y).sum())
+        else:
+            correct += int((logits.argmax(-1) == y).sum())
+    model.train(was_training)
+    return total_loss / len(split), correct / len(split)
+
+
+def make_optimizer(model: nn.Module, hp: TrainingHparams) -> torch.optim.Optimizer:
+    if hp.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    raise ValueError(f"unknown optimizer '{hp.optimizer}' (valid: adam, sgd)")
+
+
+def learning_rate(hp: TrainingHparams, iteration: int) -> float:
+    """Linear warmup, then step decay at the milestones."""
+    lr = hp.lr * hp.lr_gamma ** sum(iteration >= m for m in hp.lr_milestones)
+    if hp.warmup_iterations > 0:
+        lr *= min(1.0, (iteration + 1) / hp.warmup_iterations)
+    return lr
+
+
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).to(device)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """Write to a temp file, fsync, rename: a checkpoint is never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _has_randomness(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+ProgressFn = Callable[[int, dict[str, float]], None]
+
+
+def train(model: nn.Module, data: Data, hp: TrainingHparams, seed: int, mask: Mask | None = None,
+          start_iteration: int = 0, rewind_iteration: int | None = None, checkpoint: Path | None = None,
+          checkpoint_seconds: float = 60.0, progress: ProgressFn | None = None) -> TrainResult:
+    """Train `model` (already initialized, masked and on its device) from `start_iteration` to
+    `hp.iterations`. Pruned weights (mask False) stay exactly zero: their gradients are zeroed before
+    each step (so optimizer state stays zero) and the weights re-masked after it."""
+    device = next(model.parameters()).device
+    params = dict(model.named_parameters())
+    masked = [(params[n], m.to(device, params[n].dtype)) for n, m in (mask or {}).items() if not bool(m.all())]
+    masked_params, masked_values = [p for p, _ in masked], [m for _, m in masked]
+    optimizer = make_optimizer(model, hp)
+    stochastic = _has_randomness(model)
+    train_x, train_y = data.train.x, data.train.y
+    n, b = len(train_y), hp.batch_size
+    if b > n:
+        raise ValueError(f"training.batch_size={b} exceeds the training set ({n} examples)")
+    steps_per_epoch = n // b  # the last partial batch of each epoch is dropped
+
+    curve: list[dict[str, float]] = []
+    best: dict[str, Any] = {"val_loss": math.inf, "iteration": start_iteration, "state": None}
+    rewind_state = None
+    iteration = start_iteration
+    seconds = {"train": 0.0, "eval": 0.0}
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+
+    if checkpoint is not None and checkpoint.exists():
+        ck = torch.load(checkpoint, weights_only=True, map_location=device)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        iteration, curve, seconds = ck["iteration"], ck["curve"], ck["seconds"]
+        best = {"val_loss": ck["best_val_loss"], "iteration": ck["best_iteration"], "state": ck["best_state"]}
+        rewind_state = ck.get("rewind_state")
+
+    def record(it: int) -> None:
+        nonlocal loss_sum, loss_count
+        t0 = time.perf_counter()
+        val_loss, val_acc = evaluate(model, data.val)
+        row = {"iteration": it, "train_loss": float(loss_sum) / loss_count if loss_count else math.nan,
+               "val_loss": val_loss, "val_accuracy": val_acc, "test_accuracy": math.nan}
+        if it % hp.test_every == 0 or it == hp.iterations:
+            row["test_accuracy"] = evaluate(model, data.test)[1]
+        if val_loss < best["val_loss"]:
+            best.update(val_loss=val_loss, iteration=it,
+                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
+        curve.append(row)
+        loss_sum, loss_count = torch.zeros((), device=device), 0
+        seconds["eval"] += time.perf_counter() - t0
+        if progress:
+            progress(it, row)
+
+    def save_checkpoint() -> None:
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+                     "curve": curve, "seconds": seconds, "best_val_loss": best["val_loss"],
+                     "best_iteration": best["iteration"], "best_state": best["state"],
+                     "rewind_state": rewind_state}, checkpoint)
+
+    if not curve:
+        if rewind_iteration == iteration:
+            rewind_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        record(iteration)
+
+    model.train()
+    current_lr = None
+    last_checkpoint = t_loop = time.perf_counter()
+    eval_before_loop = seconds["eval"]
+    order, order_epoch = None, -1
+    gen = torch.Generator(device=device) if data.augment else None
+    while iteration < hp.iterations:
+        epoch, step = divmod(iteration, steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(n, seed, epoch, device), epoch
+        lr = learning_rate(hp, iteration)
+        if lr != current_lr:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            current_lr = lr
+        idx = order[step * b:(step + 1) * b]
+        x, y = train_x[idx], train_y[idx]
+        if gen is not None:
+            x = augment_batch(x, gen.manual_seed(seed * 1_000_003 + iteration))
+        if stochastic:
+            torch.manual_seed(seed * 1_000_003 + iteration)
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if masked:
+            torch._foreach_mul_([p.grad for p in masked_params], masked_values)
+        optimizer.step()
+        if masked:
+            with torch.no_grad():
+                torch._foreach_mul_(masked_params, masked_values)
+        loss_sum += loss.detach()
+        loss_count += 1
+        iteration += 1
+        if rewind_iteration == iteration:
+            rewind_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if iteration % hp.eval_every == 0 or iteration == hp.iterations:
+            record(iteration)
+            if checkpoint is not None and time.perf_counter() - last_checkpoint > checkpoint_seconds:
+                save_checkpoint()
+                last_checkpoint = time.perf_counter()
+
+    seconds["train"] += time.perf_counter() - t_loop - (seconds["eval"] - eval_before_loop)
+    final_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    final_test = curve[-1]["test_accuracy"]
+    model.load_state_dict(best["state"])
+    t0 = time.perf_counter()
+    _, best_test = evaluate(model, data.test)
+    seconds["eval"] += time.perf_counter() - t0
+    model.load_state_dict(final_state)
+    metrics = {
+        "early_stop_iteration": best["iteration"],
+        "test_accuracy_at_early_stop": best_test,
+        "val_loss_at_early_stop": best["val_loss"],
+        "test_accuracy_final": final_test,
+        "val_accuracy_final": curve[-1]["val_accuracy"],
+        "val_loss_final": curve[-1]["val_loss"],
+    }
+    return TrainResult(final_state, curve, metrics, rewind_state, seconds)

@@ -1,0 +1,20 @@
+"""DVC stage: aggregate every round into DVC metrics, plot data and PNG figures."""
+
+import json
+from pathlib import Path
+
+from lth import hparams, pipeline, report
+
+if __name__ == "__main__":
+    hp = hparams.load()
+    pipeline.check_current(hp)
+    results = Path(pipeline.RESULTS_DIR)
+    agg = report.aggregate(report.collect(Path(pipeline.RUNS_DIR), hp.pruning.rounds,
+                                                  ("ticket", *pipeline.control_kinds(hp)), hp.trials))
+    (results / "plots").mkdir(parents=True, exist_ok=True)
+    (results / "metrics.json").write_text(json.dumps(report.metrics_document(agg), indent=2) + "\n")
+    report.write_sparsity_csv(agg, results / "plots" / "sparsity.csv")
+    curves = report.write_curves_csv(Path(pipeline.RUNS_DIR), pipeline.selected_rounds(hp.pruning.rounds),
+                                     results / "plots" / "curves.csv")
+    figures = report.plot_figures(agg, curves, results / "figures", title=hp.short_name)
+    print(f"lth: wrote {results / 'metrics.json'} and {len(figures)} figures in {results / 'figures'}")
