@@ -1,0 +1,152 @@
+"""The whole pipeline, for real: `dvc repro` of a tiny LeNet/MNIST experiment in a temp git + DVC repo,
+with MLflow logging to a real sqlite store. One project is shared by the steps of this module, which
+run in order (each step builds on the previous one, as a user's session would)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import Project, make_project, needs_mnist
+
+pytestmark = needs_mnist
+
+
+def trained_stages(output: str) -> list[str]:
+    """Stages that actually ran their command (not skipped, not restored from the run-cache)."""
+    ran, current = [], None
+    for line in output.splitlines():
+        if line.startswith("Running stage '"):
+            current = line.split("'")[1]
+        elif line.startswith("> ") and current:
+            ran.append(current)
+            current = None
+    return ran
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """MD5 of every mask, metrics file and final weights file under runs/ (what must be reproducible)."""
+    out = {}
+    for f in sorted((root / "runs").rglob("*")):
+        if f.name in ("mask.pt", "metrics.json", "final.pt", "curve.csv"):
+            if f.suffix == ".pt":
+                tensors = torch.load(f, weights_only=True)
+                digest = hashlib.md5(b"".join(k.encode() + v.numpy().tobytes() for k, v in sorted(tensors.items())))
+            else:
+                digest = hashlib.md5(f.read_bytes())
+            out[str(f.relative_to(root))] = digest.hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def proj(tmp_path_factory: pytest.TempPathFactory) -> Project:
+    return make_project(tmp_path_factory.mktemp("pipeline") / "project", {"training.iterations": 200})
+
+
+@pytest.fixture(scope="module")
+def first_run(proj: Project) -> str:
+    out = proj.dvc("repro").stdout
+    return out
+
+
+def test_repro_runs_every_stage_in_order(proj: Project, first_run: str) -> None:
+    assert trained_stages(first_run) == ["prepare", "ticket_round_00", "ticket_round_01", "ticket_round_02",
+                                         "evaluate"]
+    dag = proj.dvc("dag", "--md").stdout
+    for stage in ("prepare", "ticket_round_00", "ticket_round_02", "evaluate"):
+        assert stage in dag
+    metrics = json.loads((proj.root / "results" / "metrics.json").read_text())
+    pct = [metrics["ticket"][f"round_{k:02d}"]["percent_remaining"] for k in range(3)]
+    assert pct[0] == 100.0 and pct[0] > pct[1] > pct[2]
+    for k in range(3):
+        m = json.loads((proj.root / "runs" / "ticket" / f"round_{k:02d}" / "trial_0" / "metrics.json").read_text())
+        assert 0.5 < m["test_accuracy_at_early_stop"] <= 1.0  # LeNet learns MNIST within 200 iterations
+        assert m["early_stop_iteration"] in (0, 100, 200)
+    for fig in ("accuracy.png", "early_stop.png", "learning_curves.png"):
+        assert (proj.root / "results" / "figures" / fig).stat().st_size > 10_000
+    csv_header = (proj.root / "results" / "plots" / "sparsity.csv").read_text().splitlines()[0]
+    assert "percent_remaining" in csv_header and "ticket_test_accuracy_at_early_stop_min" in csv_header
+
+
+def test_pruned_weights_stay_zero_and_rewind_to_init(proj: Project, first_run: str) -> None:
+    runs = proj.root / "runs" / "ticket"
+    rewind = torch.load(runs / "round_00" / "trial_0" / "rewind.pt", weights_only=True)
+    for k in (1, 2):
+        mask = torch.load(runs / f"round_{k:02d}" / "trial_0" / "mask.pt", weights_only=True)
+        final = torch.load(runs / f"round_{k:02d}" / "trial_0" / "final.pt", weights_only=True)
+        for name, m in mask.items():
+            assert (final[name][~m] == 0).all(), f"pruned weights of {name} moved in round {k}"
+            assert (final[name][m] != rewind[name][m]).any(), "survivors should have trained"
+    # round 2's mask is a subset of round 1's (iterative pruning never revives a weight)
+    m1 = torch.load(runs / "round_01" / "trial_0" / "mask.pt", weights_only=True)
+    m2 = torch.load(runs / "round_02" / "trial_0" / "mask.pt", weights_only=True)
+    assert all((m2[n] & ~m1[n]).sum() == 0 for n in m1)
+
+
+def test_mlflow_has_every_round(proj: Project, first_run: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from lth import hparams
+
+    hp = hparams.load(proj.root / "params.yaml")
+    client = MlflowClient(proj.tracking_uri)
+    exp = client.get_experiment_by_name(f"lth/{hp.short_name}")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(int(r.data.tags["lth.round"]) for r in runs) == [0, 1, 2]
+    for r in runs:
+        assert r.data.tags["lth.hash"] == hp.hash
+        assert r.data.params["training.lr"] == "0.0012"
+        assert 0 < r.data.metrics["percent_remaining"] <= 100
+        history = client.get_metric_history(r.info.run_id, "curve_val_loss")
+        assert [m.step for m in history] == [0, 100, 200]
+        artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"mask.npz", "final.pt"} <= artifacts
+    # MLflow's files stay outside every DVC output
+    assert (proj.root / "mlflow.db").exists() and not list((proj.root / "runs").rglob("*.db"))
+    located = proj.lth("locate").stdout
+    assert hp.hash in located and "3 runs" in located and "runs/ticket/round_02/trial_0" in located
+
+
+def test_second_repro_is_a_no_op(proj: Project, first_run: str) -> None:
+    out = proj.dvc("repro").stdout
+    assert trained_stages(out) == []
+
+
+def test_adding_rounds_keeps_earlier_ones(proj: Project, first_run: str) -> None:
+    proj.set_params({"pruning.rounds": 3})
+    # dvc.yaml is stale until re-rendered: the evaluate stage says so
+    stale = proj.dvc("repro", check=False)
+    assert stale.returncode != 0 and "lth pipeline" in stale.stdout + stale.stderr
+    proj.lth("pipeline")
+    out = proj.dvc("repro").stdout
+    assert trained_stages(out) == ["ticket_round_03", "evaluate"]
+
+
+def test_changing_lr_retrains_and_going_back_restores_from_run_cache(proj: Project, first_run: str) -> None:
+    before = snapshot(proj.root)
+    proj.set_params({"training.lr": 0.002})
+    out = proj.dvc("repro").stdout
+    assert "prepare" not in trained_stages(out)
+    assert {"ticket_round_00", "ticket_round_01", "ticket_round_02", "ticket_round_03"} <= set(trained_stages(out))
+    assert snapshot(proj.root) != before
+    proj.set_params({"training.lr": 0.0012})
+    out = proj.dvc("repro").stdout
+    assert [s for s in trained_stages(out) if s.startswith("ticket")] == [], out
+    assert snapshot(proj.root) == before
+
+
+def test_regenerate_from_nothing(proj: Project, first_run: str) -> None:
+    """Delete every output and the DVC cache: `dvc repro` recomputes identical masks and metrics."""
+    before = snapshot(proj.root)
+    assert len(before) == 16  # 4 rounds x (mask, final, metrics, curve)
+    for d in ("runs", "data", "results", ".dvc/cache", ".lth"):
+        shutil.rmtree(proj.root / d, ignore_errors=True)
+    out = proj.dvc("repro").stdout
+    assert "ticket_round_03" in trained_stages(out)
+    assert snapshot(proj.root) == before
