@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from lth.data import DATASETS
 from lth.hparams import Hparams
-from lth.models import lenet
+from lth.models import conv, lenet, resnet, vgg
 from lth.models.base import PrunableModel
 
 # name -> (constructor, dataset it is built for). Constructors take keyword arguments
@@ -14,6 +14,12 @@ from lth.models.base import PrunableModel
 MODELS: dict[str, tuple[Callable[..., PrunableModel], str]] = {
     "lenet_300_100": (lenet.lenet_300_100, "mnist"),
     "xor": (lenet.xor_net, "xor"),
+    "conv2": (conv.conv2, "cifar10"),
+    "conv4": (conv.conv4, "cifar10"),
+    "conv6": (conv.conv6, "cifar10"),
+    "resnet20": (resnet.resnet20, "cifar10"),
+    "vgg16": (vgg.vgg16, "cifar10"),
+    "vgg19": (vgg.vgg19, "cifar10"),
 }
 
 OPTIMIZERS = ("adam", "sgd")
@@ -37,4 +43,13 @@ def check(hp: Hparams) -> list[str]:
                         f"not '{hp.dataset.name}' (set dataset.name: {MODELS[hp.model.name][1]})")
     if hp.training.optimizer not in OPTIMIZERS:
         problems.append(f"training.optimizer: unknown '{hp.training.optimizer}' (valid: {', '.join(OPTIMIZERS)})")
+    if hp.pruning.exclude and not problems:  # a misspelled layer name would silently prune that layer
+        try:
+            layers = [n.removesuffix(".weight") for n in build_model(hp).layer_kinds()]
+        except Exception:  # noqa: BLE001 - invalid values (e.g. dropout) are reported by the range checks
+            layers = []
+        unknown = [n for n in hp.pruning.exclude if n.removesuffix(".weight") not in layers]
+        if layers and unknown:
+            problems.append(f"pruning.exclude: {', '.join(unknown)}: not prunable layers of {hp.model.name} "
+                            f"(valid: {', '.join(layers)})")
     return problems
