@@ -29,6 +29,8 @@ CPU_SECONDS: dict[str, tuple[float, float]] = {
     "vgg19": (1.8, 0.0068),
 }
 TEST_SIZE = {"mnist": 10000, "cifar10": 10000, "xor": 1000}
+# Fixed cost of one DVC stage process (python and torch start-up, mlflow import and store, data load).
+STAGE_SECONDS = 6.0
 
 
 class PresetError(ValueError):
@@ -62,13 +64,15 @@ def description(path: Path) -> str:
 
 
 def estimate_cpu_seconds(hp: hparams.Hparams) -> float:
-    """Rough CPU time of a whole experiment: trained networks x (iterations x s/iteration + evaluations)."""
+    """Rough CPU time of a whole experiment: trained networks x (iterations x s/iteration + evaluations),
+    plus the fixed cost of each stage process."""
     train_s, eval_s = CPU_SECONDS.get(hp.model.name, (1.0, 0.01))
     t = hp.training
     evaluated = (t.iterations // t.eval_every * hp.dataset.validation_size
                  + t.iterations // t.test_every * TEST_SIZE.get(hp.dataset.name, 10000))
     networks = hp.trials * (hp.pruning.rounds + 1 + len(pipeline.control_kinds(hp)) * hp.pruning.rounds)
-    return networks * (t.iterations * train_s + evaluated * eval_s)
+    stages = hp.pruning.rounds + 1 + len(pipeline.control_kinds(hp)) * hp.pruning.rounds + 2
+    return networks * (t.iterations * train_s + evaluated * eval_s) + stages * STAGE_SECONDS
 
 
 def format_duration(seconds: float) -> str:
