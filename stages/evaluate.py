@@ -1,9 +1,9 @@
-"""DVC stage: aggregate every round into DVC metrics, plot data and PNG figures."""
+"""DVC stage: aggregate every round into DVC metrics, plot data, PNG figures and the HTML report."""
 
 import json
 from pathlib import Path
 
-from lth import hparams, pipeline, report
+from lth import hparams, html_report, pipeline, report
 
 if __name__ == "__main__":
     hp = hparams.load()
@@ -17,4 +17,5 @@ if __name__ == "__main__":
     curves = report.write_curves_csv(Path(pipeline.RUNS_DIR), pipeline.selected_rounds(hp.pruning.rounds),
                                      results / "plots" / "curves.csv")
     figures = report.plot_figures(agg, curves, results / "figures", title=hp.short_name)
-    print(f"lth: wrote {results / 'metrics.json'} and {len(figures)} figures in {results / 'figures'}")
+    page = html_report.write(hp, agg, results / "figures", results / "report.html")
+    print(f"lth: wrote {results / 'metrics.json'}, {len(figures)} figures in {results / 'figures'} and {page}")

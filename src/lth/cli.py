@@ -87,5 +87,206 @@ def locate_cmd(params_path: str, overrides: tuple[str, ...], no_mlflow: bool) ->
                    f"test acc {acc:.4f}" if acc is not None else f"  run {r.info.run_id}  {r.info.run_name}")
 
 
+@main.command("preset")
+@click.argument("name", required=False)
+@click.option("--list", "list_", is_flag=True, help="list the presets with a description and estimated CPU time")
+@click.option("--force", is_flag=True, help="replace params.yaml even with uncommitted edits or results "
+              "(the old params.yaml is saved in .lth/params-backup/)")
+@PARAMS_OPTION
+def preset_cmd(name: str | None, list_: bool, force: bool, params_path: str) -> None:
+    """Select one experiment of the paper: copy presets/NAME.yaml to params.yaml and render dvc.yaml."""
+    from lth import presets
+
+    if list_ or not name:
+        click.echo("Presets, with an estimate of the whole experiment's CPU time (measured seconds per iteration "
+                   "on one CPU thread x iterations x networks; a rough guide, a GPU is far faster):")
+        for preset_name, path in presets.available().items():
+            hp = load_or_exit(str(path))
+            click.echo(f"  {preset_name:<16} ~{presets.format_duration(presets.estimate_cpu_seconds(hp)):>9}  "
+                       f"{presets.description(path)}")
+        if not name:
+            click.echo("Select one with `lth preset NAME`, then `lth run`.")
+        return
+    try:
+        click.echo(presets.select(name, Path(params_path), force=force))
+    except (presets.PresetError, hparams.HparamsError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+
+@main.command("sync-mlflow")
+@PARAMS_OPTION
+@SET_OPTION
+def sync_mlflow_cmd(params_path: str, overrides: tuple[str, ...]) -> None:
+    """Log to MLflow every finished round under runs/ that MLflow lacks (after the server was down)."""
+    from lth.sync import sync
+    from lth.tracking import tracking_uri
+
+    hp = load_or_exit(params_path, overrides)
+    try:
+        sync(hp, Path(pipeline.RUNS_DIR), echo=click.echo)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    except Exception as e:  # MLflow's errors (server down, store locked) have many types
+        raise click.ClickException(f"MLflow at {tracking_uri()} failed ({type(e).__name__}: {e}). Nothing on disk "
+                                   "changed; fix the server (or MLFLOW_TRACKING_URI) and run it again.") from None
+
+
+@main.command("verify")
+@PARAMS_OPTION
+@click.option("--round", "round_index", type=int, default=None, help="round to re-run [default: the last]")
+@click.option("--kind", type=click.Choice(["ticket", "reinit", "random_pruning"]), default="ticket",
+              show_default=True)
+@click.option("--trial", type=int, default=0, show_default=True)
+def verify_cmd(params_path: str, round_index: int | None, kind: str, trial: int) -> None:
+    """Re-run one round from its recorded inputs in a temporary directory and compare it with the recorded
+    outputs (mask, final weights, curve, metrics). Exits 1 on a mismatch; the workspace and MLflow are
+    not touched."""
+    from lth import runtime
+    from lth.data import DataError
+    from lth.verify import VerifyError, verify
+
+    hp = load_or_exit(params_path)
+    round_index = hp.pruning.rounds if round_index is None else round_index
+    rt = runtime.configure(params_path)
+    try:
+        ok = verify(hp, round_index, kind, trial, Path(pipeline.RUNS_DIR), Path(pipeline.DATA_DIR), rt["device"],
+                    echo=click.echo)
+    except (VerifyError, DataError, OSError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    sys.exit(0 if ok else 1)
+
+
+
+@main.command("compare")
+@click.argument("experiments", nargs=-1, metavar="[PARAMS_FILE | HASH]...")
+@click.option("--set", "-S", "override_sets", multiple=True, metavar="'KEY=VALUE ...'",
+              help="one experiment: space-separated overrides of --params, e.g. -S 'training.lr=3e-4' (repeatable)")
+@PARAMS_OPTION
+@click.option("--kind", type=click.Choice(["ticket", "reinit", "random_pruning"]), default="ticket",
+              show_default=True, help="which networks to tabulate: the winning ticket or a control")
+@click.option("--no-mlflow", is_flag=True, help="only the workspace's DVC outputs, do not query the MLflow store")
+def compare_cmd(experiments: tuple[str, ...], override_sets: tuple[str, ...], params_path: str, kind: str,
+                no_mlflow: bool) -> None:
+    """Compare two or more experiments side by side: per round, percent of weights remaining, test accuracy
+    at early stop (mean [min-max] over trials) and early-stop iteration.
+
+    Experiments are params files, experiment hashes (or 6+ digit prefixes, as `lth locate` prints) or -S
+    override sets of --params. Results come from the workspace (runs/) and the MLflow store.
+
+    \b
+    Examples:
+      lth compare -S 'training.lr=1.2e-3' -S 'training.lr=3e-4'
+      lth compare params.yaml other/params.yaml
+      lth compare 94435125 1f3c2a7e
+    """
+    from lth import compare
+
+    try:
+        exps = compare.experiments(experiments, override_sets, params_path)
+        click.echo(compare.compare(exps, Path(pipeline.RUNS_DIR), use_mlflow=not no_mlflow, kind=kind))
+    except hparams.HparamsError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command("export")
+@PARAMS_OPTION
+@SET_OPTION
+@click.option("--round", "round_index", type=int, default=None, help="IMP round of the ticket [default: the last]")
+@click.option("--trial", type=int, default=0, show_default=True)
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
+              help="output file [default: exports/<experiment>-round_<k>-trial_<t>.pt]")
+def export_cmd(params_path: str, overrides: tuple[str, ...], round_index: int | None, trial: int,
+               out: str | None) -> None:
+    """Export the winning ticket of a round as one file for plain PyTorch: the mask and the masked rewound
+    weights, with the model name, hyperparameters and hash.
+
+    \b
+    Load it with:
+      ticket = torch.load(PATH, weights_only=True)
+      model.load_state_dict(ticket["state_dict"])   # pruned weights are 0; ticket["mask"] says which
+    """
+    from lth import export
+
+    hp = load_or_exit(params_path, overrides)
+    round_index = hp.pruning.rounds if round_index is None else round_index
+    try:
+        path, doc = export.export(hp, round_index, Path(out) if out else None, trial, Path(pipeline.RUNS_DIR))
+    except (OSError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {path}: {hp.model.name} ticket of round {round_index} (trial {trial}), "
+               f"{doc['percent_remaining']:.2f}% of weights remaining, experiment {hp.hash}")
+
+
+@main.command("ui")
+@click.option("--host", default="127.0.0.1", show_default=True, help="interface to listen on (0.0.0.0: all)")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+def ui_cmd(host: str, port: int) -> None:
+    """Open the MLflow UI on the project's tracking store (mlflow.db at the project root, or
+    MLFLOW_TRACKING_URI). Stop it with Ctrl-C."""
+    import os
+
+    from lth.tracking import tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        click.echo(f"MLFLOW_TRACKING_URI points at a tracking server: open {uri} in a browser.")
+        return
+    click.echo(f"MLflow UI of {uri} at http://{host}:{port} (Ctrl-C stops it)", err=True)
+    # exec: Ctrl-C and kill reach MLflow's server directly.
+    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                              "--host", host, "--port", str(port), "--workers", "1"])
+
+
+@main.command("report")
+@PARAMS_OPTION
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
+              help=f"output file [default: {pipeline.RESULTS_DIR}/report.html]")
+def report_cmd(params_path: str, out: str | None) -> None:
+    """Write the one-page HTML report of the experiment (key table, figures, hyperparameters and hash)
+    from the workspace's outputs. The evaluate stage writes the same page to results/report.html."""
+    from lth import html_report
+
+    hp = load_or_exit(params_path)
+    try:
+        path = html_report.from_workspace(hp, Path(pipeline.RUNS_DIR), Path(pipeline.RESULTS_DIR),
+                                          Path(out) if out else None)
+    except FileNotFoundError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {path}: open {path.resolve().as_uri()}")
+
+
+@main.command("sweep")
+@click.option("--out", "-o", default=f"{pipeline.RESULTS_DIR}/sweep", show_default=True, type=click.Path(),
+              help="writes OUT.csv (the table) and OUT.png (the figure)")
+@click.option("--param", "params", multiple=True, metavar="KEY",
+              help="the swept hyperparameter(s) [default: every one that differs between experiments]")
+@click.option("--kind", type=click.Choice(["ticket", "reinit", "random_pruning"]), default="ticket",
+              show_default=True)
+@click.option("--all-commits", "-A", is_flag=True, help="experiments of every commit, not only of HEAD")
+def sweep_cmd(out: str, params: tuple[str, ...], kind: str, all_commits: bool) -> None:
+    """Aggregate the DVC experiments of this repo (a sweep) into one table and one figure: test accuracy at
+    early stop against percent of weights remaining, one curve per value of the swept hyperparameter.
+
+    \b
+    A learning-rate sweep:
+      dvc exp run --queue -S training.lr=3e-4
+      dvc exp run --queue -S training.lr=1.2e-3
+      dvc queue start --jobs 1 && dvc queue status   # wait for Success
+      lth sweep --param training.lr --out results/lr_sweep
+    """
+    from lth import sweep
+
+    try:
+        text, csv_path, png_path, skipped = sweep.sweep(sweep.exp_show(Path("."), all_commits), Path(out),
+                                                        params, kind)
+    except sweep.SweepError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(text)
+    click.echo(f"wrote {csv_path} and {png_path}")
+    if skipped:
+        click.echo(f"skipped (no results/metrics.json: queued, failed or not evaluated): {', '.join(skipped)}",
+                   err=True)
+
 if __name__ == "__main__":
     main()

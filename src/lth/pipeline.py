@@ -98,8 +98,9 @@ def render(hp: Hparams) -> str:
             outs.append(round_out(kind, k))
     stages["evaluate"] = {
         "cmd": "python stages/evaluate.py",
-        "deps": ["stages/evaluate.py", "src/lth/report.py", "src/lth/pipeline.py", *outs],
+        "deps": ["stages/evaluate.py", "src/lth/report.py", "src/lth/html_report.py", "src/lth/pipeline.py", *outs],
         "params": ["pruning.rounds", "controls.random_reinit", "controls.random_pruning"],
+        "outs": [f"{RESULTS_DIR}/report.html"],
         "metrics": [{f"{RESULTS_DIR}/metrics.json": {"cache": False}}],
         "plots": [f"{RESULTS_DIR}/plots/sparsity.csv", f"{RESULTS_DIR}/plots/curves.csv",
                   {f"{RESULTS_DIR}/figures": {"cache": False}}],

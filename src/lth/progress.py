@@ -15,7 +15,13 @@ def interactive() -> bool:
 class RoundProgress:
     """Iterations, current validation loss and accuracy, time left. Line mode prints every ~10%."""
 
-    def __init__(self, label: str, total: int, quiet: bool = False):
+    def __init__(self, label: str, total: int, quiet: bool = False, round_index: int | None = None,
+                 rounds: int | None = None):
+        # Each round is its own DVC stage process, so the overall position comes from the round index and
+        # pruning.rounds rather than from shared state: "round 3 of 20" (round 0 is the dense network).
+        if round_index is not None and rounds is not None:
+            here = f"round {round_index}"
+            label = label.replace(here, f"{here} of {rounds}", 1) if here in label else f"{label} ({here} of {rounds})"
         self.label, self.total, self.quiet = label, total, quiet
         self.bar = None
         self.last_line = 0.0

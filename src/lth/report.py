@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -88,10 +89,19 @@ def read_curve(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) if v != "" else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def mean_curve(trial_dirs: list[Path]) -> list[dict[str, float]]:
+    """Test accuracy against iteration, mean/min/max over the trials (iterations where every trial tested)."""
+    per_trial = [{int(r["iteration"]): r["test_accuracy"] for r in read_curve(d / "curve.csv")
+                  if r["test_accuracy"] == r["test_accuracy"]} for d in trial_dirs]
+    common = sorted(set.intersection(*(set(t) for t in per_trial))) if per_trial else []
+    return [{"iteration": float(it), "test_accuracy": statistics.fmean(t[it] for t in per_trial),
+             "test_accuracy_min": min(t[it] for t in per_trial), "test_accuracy_max": max(t[it] for t in per_trial)}
+            for it in common]
+
+
 def write_curves_csv(runs: Path, rounds: list[int], path: Path) -> dict[int, list[dict[str, float]]]:
-    """Test accuracy against iteration for the selected ticket rounds (trial 0), wide format."""
-    curves = {k: [r for r in read_curve(Path(runs) / "ticket" / f"round_{k:02d}" / "trial_0" / "curve.csv")
-                  if r["test_accuracy"] == r["test_accuracy"]] for k in rounds}
+    """Test accuracy against iteration for the selected ticket rounds (mean over trials), wide format."""
+    curves = {k: mean_curve(sorted((Path(runs) / "ticket" / f"round_{k:02d}").glob("trial_*"))) for k in rounds}
     iterations = sorted({int(r["iteration"]) for c in curves.values() for r in c})
     lookup = {k: {int(r["iteration"]): r["test_accuracy"] for r in c} for k, c in curves.items()}
     with open(path, "w", newline="") as f:
@@ -100,6 +110,21 @@ def write_curves_csv(runs: Path, rounds: list[int], path: Path) -> dict[int, lis
         for it in iterations:
             w.writerow([it, *[f"{lookup[k][it]:.6g}" if it in lookup[k] else "" for k in rounds]])
     return curves
+
+
+def percent_axis(ax, percents: list[float]) -> None:  # noqa: ANN001 (a matplotlib Axes)
+    """Log x axis of percent remaining, reversed (sparser to the right), as in the paper; ticks at the rounds'
+    own sparsities (at most ~10 of them) instead of 10^2, 9x10^1, ..."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    pcts = sorted(set(percents), reverse=True)
+    ticks = pcts[::max(1, math.ceil(len(pcts) / 10))]
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{t:.3g}" for t in ticks])
+    ax.invert_xaxis()
+    ax.set_xlabel("percent of weights remaining (log scale)")
 
 
 def plot_figures(agg: dict[str, dict[int, dict[str, Any]]], curves: dict[int, list[dict[str, float]]],
@@ -116,9 +141,13 @@ def plot_figures(agg: dict[str, dict[int, dict[str, Any]]], curves: dict[int, li
     specs = [("accuracy.png", [("test_accuracy_at_early_stop", "at early stop", "-"),
                                ("test_accuracy_final", "at end of training", ":")], "test accuracy"),
              ("early_stop.png", [("early_stop_iteration", "", "-")], "early-stopping iteration")]
+    ticket_pcts = [e["percent_remaining"] for e in agg.get("ticket", {}).values()]
     for name, metrics, ylabel in specs:
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-        for ci, (kind, rounds) in enumerate(agg.items()):
+        for ci, (kind, kind_rounds) in enumerate(agg.items()):
+            # Controls share round 0 (the dense network) with the ticket: their curves start at 100% too.
+            rounds = {0: agg["ticket"][0], **kind_rounds} if kind != "ticket" and 0 in agg.get("ticket", {}) \
+                else kind_rounds
             ks = sorted(rounds)
             x = [rounds[k]["percent_remaining"] for k in ks]
             for metric, suffix, style in metrics:
@@ -129,9 +158,7 @@ def plot_figures(agg: dict[str, dict[int, dict[str, Any]]], curves: dict[int, li
                 hi = [rounds[k][metric]["max"] - rounds[k][metric]["mean"] for k in ks]
                 ax.errorbar(x, mean, yerr=[lo, hi], fmt="o" + style, color=f"C{ci}", markersize=3, capsize=2,
                             label=f"{LABELS[kind]} {suffix}".strip())
-        ax.set_xscale("log")
-        ax.invert_xaxis()
-        ax.set_xlabel("percent of weights remaining (log scale)")
+        percent_axis(ax, ticket_pcts)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
@@ -144,13 +171,16 @@ def plot_figures(agg: dict[str, dict[int, dict[str, Any]]], curves: dict[int, li
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
         for k, rows in curves.items():
             pct = agg.get("ticket", {}).get(k, {}).get("percent_remaining", float("nan"))
-            ax.plot([r["iteration"] for r in rows], [r["test_accuracy"] for r in rows],
-                    label=f"round {k} ({pct:.1f}% remaining)")
+            mean = [r["test_accuracy"] for r in rows]
+            ax.errorbar([r["iteration"] for r in rows], mean, fmt="-", capsize=2, linewidth=1.2,
+                        yerr=[[m - r["test_accuracy_min"] for m, r in zip(mean, rows, strict=True)],
+                              [r["test_accuracy_max"] - m for m, r in zip(mean, rows, strict=True)]],
+                        errorevery=max(1, len(rows) // 12), label=f"round {k} ({pct:.3g}% remaining)")
         ax.set_xlabel("training iteration")
         ax.set_ylabel("test accuracy")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, title="winning ticket (error bars: min/max over trials)", title_fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "learning_curves.png")
         plt.close(fig)

@@ -1,0 +1,83 @@
+"""Sharing results with collaborators: DVC outputs through a remote, MLflow runs through a server."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Project, make_project, needs_mnist
+from tests.test_cli import free_port
+
+TINY = {"pruning.rounds": 1, "training.iterations": 100, "training.eval_every": 50, "training.test_every": 50}
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {str(f.relative_to(root)): hashlib.md5(f.read_bytes()).hexdigest()
+            for d in ("runs", "results", "data/prepared") for f in sorted((root / d).rglob("*")) if f.is_file()}
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_collaborator_pulls_results_and_nothing_reruns(tmp_path: Path) -> None:
+    alice = make_project(tmp_path / "alice", TINY)
+    alice.lth("run")
+    alice.dvc("remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    alice.run("git", "add", "-A")
+    alice.run("git", "commit", "-qm", "results")
+    alice.dvc("push")
+    bob = Project(tmp_path / "bob")
+    subprocess.run(["git", "clone", "-q", str(alice.root), str(bob.root)], check=True, env=bob.env)
+    bob.dvc("pull")
+    out = bob.dvc("repro")
+    text = out.stdout + out.stderr
+    assert "Running stage" not in text and "lth: ticket round" not in text, text
+    assert text.count("didn't change, skipping") == 4  # prepare, two rounds, evaluate
+    assert digests(bob.root) == digests(alice.root) and digests(bob.root)
+    assert not (bob.root / "mlflow.db").exists()  # no stage ran, so nothing was logged
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_pipeline_logs_to_a_shared_mlflow_server(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=5).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+                time.sleep(1)
+        p = make_project(tmp_path / "project", TINY)
+        p.env["MLFLOW_TRACKING_URI"] = uri
+        p.lth("run")
+        client = MlflowClient(uri)
+        runs = [r for e in client.search_experiments() if e.name.startswith("lth/")
+                for r in client.search_runs([e.experiment_id])]
+        assert sorted(r.data.tags["lth.round"] for r in runs) == ["0", "1"]
+        assert all(r.info.status == "FINISHED" for r in runs)
+        assert not (p.root / "mlflow.db").exists()  # everything went to the server
+        for r in runs:
+            assert {a.path for a in client.list_artifacts(r.info.run_id)} >= {"mask.npz", "final.pt"}
+            local = client.download_artifacts(r.info.run_id, "final.pt", str(tmp_path / r.info.run_id))
+            trained = p.root / "runs" / "ticket" / f"round_{int(r.data.tags['lth.round']):02d}" / "trial_0"
+            assert Path(local).read_bytes() == (trained / "final.pt").read_bytes()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
