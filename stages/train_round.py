@@ -14,4 +14,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     hp = hparams.load()
     rt = runtime.configure()
-    run_round(hp, args.round, args.kind, Path(RUNS_DIR), Path(DATA_DIR), device=rt["device"], quiet=rt["quiet"])
+    run_round(hp, args.round, args.kind, Path(RUNS_DIR), Path(DATA_DIR), device=rt["device"], quiet=rt["quiet"],
+              checkpoint_seconds=rt["checkpoint_seconds"])

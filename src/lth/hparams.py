@@ -199,6 +199,40 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
 
 # Keys that params.yaml may hold beside the hyperparameters: they never change results.
 RUNTIME_SECTIONS = ("runtime",)
+# The runtime section's keys and types: validated like the hyperparameters, never part of the hash.
+# A new runtime setting must be added here (a misspelled setting is an error, not silently ignored).
+RUNTIME_KEYS: dict[str, Any] = {"device": str, "threads": int, "workers": int, "quiet": bool,
+                                "checkpoint_seconds": float}
+
+
+def _check_sections(doc: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """Top-level shape: known sections are mappings (an empty one is allowed), unknown names are errors.
+    Returns the hyperparameter part of the document."""
+    sections = [f.name for f in fields(Hparams) if dataclasses.is_dataclass(get_type_hints(Hparams)[f.name])]
+    top_keys = [f.name for f in fields(Hparams)] + list(RUNTIME_SECTIONS)
+    out: dict[str, Any] = {}
+    for name, value in doc.items():
+        if name in sections or name in RUNTIME_SECTIONS:
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                problems.append(f"{name}: expected a section of keys ({name}.<key>: value), got {value!r}")
+                continue
+        elif name not in top_keys:
+            problems.append(f"{name}: unknown section{_closest(str(name), top_keys)}")
+            continue
+        if name in RUNTIME_SECTIONS:
+            for key, v in value.items():
+                if key not in RUNTIME_KEYS:
+                    problems.append(f"{name}.{key}: unknown runtime setting{_closest(str(key), list(RUNTIME_KEYS))}")
+                elif v is not None:
+                    v = _coerce(f"{name}.{key}", v, RUNTIME_KEYS[key], problems)
+                    if key in ("threads", "workers", "checkpoint_seconds") and isinstance(v, (int, float)) \
+                            and v < 0:
+                        problems.append(f"{name}.{key}: must be 0 or more, got {v}")
+            continue
+        out[name] = value
+    return out
 
 
 def from_dict(doc: dict[str, Any], source: str = "params") -> Hparams:
@@ -210,15 +244,10 @@ def from_dict(doc: dict[str, Any], source: str = "params") -> Hparams:
         raise HparamsError([f"expected a mapping of sections, got {type(doc).__name__}"], source)
     known = section_fields()
     values: dict[str, Any] = {}
-    for key, value in flatten({k: v for k, v in doc.items() if k not in RUNTIME_SECTIONS}).items():
+    for key, value in flatten(_check_sections(doc, problems)).items():
         if key not in known:
-            if "." in key and key.split(".")[0] in ("dataset", "model", "training", "pruning", "controls"):
-                section = key.split(".")[0] + "."
-                problems.append(
-                    f"{key}: unknown key{_closest(key, [k for k in known if k.startswith(section)])}"
-                )
-            else:
-                problems.append(f"{key}: unknown key{_closest(key, list(known))}")
+            section = key.split(".")[0] + "."
+            problems.append(f"{key}: unknown key{_closest(key, [k for k in known if k.startswith(section)])}")
             continue
         values[key] = _coerce(key, value, known[key], problems)
     if problems:
@@ -253,6 +282,16 @@ def _check_ranges(hp: Hparams) -> list[str]:
             p.append(f"{key}: must be a positive integer, got {v}")
     if t.lr <= 0:
         p.append(f"training.lr: must be positive, got {t.lr}")
+    if not 0 <= t.momentum < 1:
+        p.append(f"training.momentum: must be in [0, 1), got {t.momentum}")
+    if t.weight_decay < 0:
+        p.append(f"training.weight_decay: must be 0 or more, got {t.weight_decay}")
+    if t.lr_gamma <= 0:
+        p.append(f"training.lr_gamma: must be positive, got {t.lr_gamma}")
+    bad = [m for m in t.lr_milestones if not 0 < m < t.iterations] if t.iterations > 0 else []
+    if bad or list(t.lr_milestones) != sorted(set(t.lr_milestones)):
+        p.append(f"training.lr_milestones: must be increasing iterations in (0, training.iterations={t.iterations}), "
+                 f"got {list(t.lr_milestones)}")
     for key in ("conv_rate", "fc_rate", "output_rate"):
         v = getattr(pr, key)
         if not 0 <= v < 1:
@@ -265,7 +304,7 @@ def _check_ranges(hp: Hparams) -> list[str]:
         p.append(f"pruning.schedule: unknown '{pr.schedule}' (valid: iterative, oneshot)")
     if pr.rounds < 0:
         p.append(f"pruning.rounds: must be 0 or more, got {pr.rounds}")
-    if pr.rewind_iteration < 0 or (isinstance(t.iterations, int) and pr.rewind_iteration >= t.iterations):
+    if pr.rewind_iteration < 0 or 0 < t.iterations <= pr.rewind_iteration:  # (iterations <= 0 is reported above)
         p.append(f"pruning.rewind_iteration: must be in [0, training.iterations={t.iterations}), "
                  f"got {pr.rewind_iteration}")
     if t.warmup_iterations < 0 or t.warmup_iterations > t.iterations:
@@ -292,9 +331,13 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...
             problems.extend(e.problems)
             continue
         _set_dotted(doc, key, value)
+    try:  # malformed overrides and the document's problems are reported together
+        hp = from_dict(doc, str(path))
+    except HparamsError as e:
+        raise HparamsError(problems + e.problems, str(path)) from None
     if problems:
         raise HparamsError(problems, str(path))
-    return from_dict(doc, str(path))
+    return hp
 
 
 def runtime_settings(path: str | Path = "params.yaml") -> dict[str, Any]:

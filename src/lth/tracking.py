@@ -21,6 +21,8 @@ from lth.hparams import Hparams, flatten
 
 TAG_HASH = "lth.hash"  # experiment identity: MD5 of the canonical hyperparameters
 TAG_ROUND_HASH = "lth.round_hash"  # identity of one trained network (experiment, round, trial, kind)
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}  # a user's own settings win
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -64,8 +66,23 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri or tracking_uri()
+        if self.uri.startswith(("http:", "https:")):
+            # MLflow's defaults (7 retries, exponential backoff, 120 s timeout) hang a stage for minutes when
+            # the server is down; fail within seconds instead (results are on disk; `lth sync-mlflow` replays).
+            for name, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(name, value)
         mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
+        if self.uri.startswith("sqlite:///"):
+            # Opening a new sqlite store creates and migrates its tables; parallel stages (`dvc queue start
+            # -j 2`) would race to do it ("table ... already exists", "duplicate column"): one at a time.
+            from filelock import FileLock
+
+            db = Path(self.uri.removeprefix("sqlite:///"))
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(db.with_name(f".{db.name}.lock"))):
+                self.client = _retry(lambda: MlflowClient(self.uri))
+        else:
+            self.client = MlflowClient(self.uri)
 
     def experiment_id(self, hp: Hparams) -> str:
         name = experiment_name(hp)

@@ -1,0 +1,271 @@
+"""Validation of params (every problem at once, with the fix) and the experiment hash."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lth import hparams, registry
+from lth.hparams import Hparams, HparamsError, from_dict
+from tests.conftest import ROOT
+
+
+def problems(doc: dict) -> list[str]:
+    with pytest.raises(HparamsError) as e:
+        from_dict(doc)
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith(f"{len(e.value.problems)} problem(s)")
+    assert lines[1:] == [f"  - {p}" for p in e.value.problems]  # one line per problem
+    return e.value.problems
+
+
+def only(doc: dict) -> str:
+    found = problems(doc)
+    assert len(found) == 1, found
+    return found[0]
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+def test_unknown_names_list_the_valid_ones() -> None:
+    found = problems({"model": {"name": "lenet_301"}, "dataset": {"name": "mnistt"},
+                      "training": {"optimizer": "adamw"}})
+    by_key = {p.split(":")[0]: p for p in found}
+    assert set(by_key) == {"model.name", "dataset.name", "training.optimizer"}
+    assert all(name in by_key["model.name"] for name in registry.MODELS)
+    assert "'lenet_301'" in by_key["model.name"]
+    assert all(name in by_key["dataset.name"] for name in registry.DATASETS)
+    assert all(name in by_key["training.optimizer"] for name in registry.OPTIMIZERS)
+
+
+def test_model_and_dataset_must_fit_together() -> None:
+    assert "set dataset.name: xor" in only({"model": {"name": "xor"}})
+
+
+@pytest.mark.parametrize("key", ["conv_rate", "fc_rate", "output_rate"])
+@pytest.mark.parametrize("rate", [1.0, 1.5, -0.1])
+def test_pruning_rates_outside_the_unit_interval(key: str, rate: float) -> None:
+    p = only({"pruning": {key: rate}})
+    assert p.startswith(f"pruning.{key}: must be in (0, 1)") and str(rate) in p
+
+
+def test_rate_zero_leaves_a_kind_dense() -> None:
+    assert from_dict({"pruning": {"conv_rate": 0}}).pruning.conv_rate == 0.0
+
+
+@pytest.mark.parametrize("rewind", [300, 301, -1])
+def test_rewind_iteration_must_be_inside_training(rewind: int) -> None:
+    p = only({"training": {"iterations": 300}, "pruning": {"rewind_iteration": rewind}})
+    assert p.startswith("pruning.rewind_iteration: must be in [0, training.iterations=300)")
+
+
+@pytest.mark.parametrize("key", ["iterations", "batch_size", "eval_every", "test_every"])
+@pytest.mark.parametrize("value", [0, -5])
+def test_non_positive_counts(key: str, value: int) -> None:
+    assert f"training.{key}: must be a positive integer, got {value}" in problems({"training": {key: value}})
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("training.lr", "fast", "training.lr: expected a number, got 'fast'"),
+    ("training.iterations", 1.5, "training.iterations: expected an integer, got 1.5"),
+    ("training.batch_size", True, "training.batch_size: expected an integer, got True"),  # bool is not an int
+    ("training.lr", False, "training.lr: expected a number, got False"),
+    ("dataset.augment", "yes", "dataset.augment: expected true or false, got 'yes'"),
+    ("model.name", 5, "model.name: expected a string, got 5"),
+    ("training.lr_milestones", 1000, "training.lr_milestones: expected a list of int, got 1000"),
+    ("training.lr_milestones", [100, "x"], "training.lr_milestones[1]: expected an integer, got 'x'"),
+    ("pruning.exclude", "layers.0", "pruning.exclude: expected a list of str, got 'layers.0'"),
+    ("trials", None, "trials: expected an integer, got None"),
+])
+def test_wrong_types(key: str, value: object, expected: str) -> None:
+    doc: dict = {}
+    hparams._set_dotted(doc, key, value)
+    assert only(doc) == expected
+
+
+def test_integral_floats_and_ints_are_accepted_where_they_mean_the_same() -> None:
+    hp = from_dict({"training": {"iterations": 300.0, "lr": 1}})
+    assert hp.training.iterations == 300 and isinstance(hp.training.iterations, int)
+    assert hp.training.lr == 1.0 and isinstance(hp.training.lr, float)
+
+
+def test_list_fields_are_checked_against_training_and_the_model() -> None:
+    p = only({"training": {"iterations": 1000, "lr_milestones": [800, 500]}})
+    assert p.startswith("training.lr_milestones: must be increasing iterations in (0, training.iterations=1000)")
+    assert only({"training": {"iterations": 1000, "lr_milestones": [1000]}}).startswith("training.lr_milestones")
+    p = only({"pruning": {"exclude": ["layers.0", "fc9"]}})
+    assert p.startswith("pruning.exclude: fc9: not prunable layers of lenet_300_100")
+    assert "layers.0, layers.1, layers.2" in p
+    assert from_dict({"pruning": {"exclude": ["layers.2.weight"]}}).pruning.exclude == ["layers.2.weight"]
+
+
+@pytest.mark.parametrize(("doc", "expected"), [
+    ({"training": {"itterations": 5}}, "training.itterations: unknown key (did you mean 'training.iterations'?)"),
+    ({"pruning": {"fc_rte": 0.2}}, "pruning.fc_rate"),
+    ({"trainig": {"lr": 0.1}}, "trainig: unknown section (did you mean 'training'?)"),
+    ({"trial": 2}, "trial: unknown section (did you mean 'trials'?)"),
+    ({"runtime": {"checkpoint_second": 5}},
+     "runtime.checkpoint_second: unknown runtime setting (did you mean 'checkpoint_seconds'?)"),
+])
+def test_misspelled_keys_get_a_suggestion(doc: dict, expected: str) -> None:
+    assert expected in only(doc)
+
+
+def test_unknown_section_without_a_close_match_lists_the_sections() -> None:
+    p = only({"zzz": {"a": 1}})
+    assert p.startswith("zzz: unknown section (valid keys: ")
+    assert all(s in p for s in ("controls", "dataset", "model", "pruning", "runtime", "training", "trials"))
+
+
+def test_section_shapes() -> None:
+    assert only({"training": 5}) == "training: expected a section of keys (training.<key>: value), got 5"
+    assert from_dict({"training": None, "runtime": None}) == Hparams()  # an empty section is fine
+
+
+def test_runtime_settings_are_validated() -> None:
+    found = problems({"runtime": {"threads": True, "checkpoint_seconds": -1, "device": 3}})
+    assert found == ["runtime.threads: expected an integer, got True",
+                     "runtime.checkpoint_seconds: must be 0 or more, got -1.0",
+                     "runtime.device: expected a string, got 3"]
+
+
+def test_every_problem_is_reported_at_once_one_line_each() -> None:
+    found = problems({"training": {"lr": "x", "itterations": 5, "batch_size": True}, "model": {"nme": "a"},
+                      "foo": 1})
+    assert len(found) == 5
+    assert {p.split(":")[0] for p in found} == {"training.lr", "training.itterations", "training.batch_size",
+                                                "model.nme", "foo"}
+    found = problems({"training": {"iterations": 0, "batch_size": -1, "optimizer": "rmsprop"}, "trials": 0,
+                      "pruning": {"fc_rate": 2}})
+    assert {p.split(":")[0] for p in found} == {"training.iterations", "training.batch_size", "training.optimizer",
+                                                 "trials", "pruning.fc_rate"}
+
+
+def write_params(tmp_path: Path, doc: dict | None = None) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text() if doc is None else yaml.safe_dump(doc))
+    return path
+
+
+def test_overrides(tmp_path: Path) -> None:
+    path = write_params(tmp_path)
+    hp = hparams.load(path, ["training.lr=3e-4", "training.lr_milestones=[10, 20]", "controls.random_reinit=true"])
+    assert hp.training.lr == 3e-4 and hp.training.lr_milestones == [10, 20] and hp.controls.random_reinit
+    with pytest.raises(HparamsError) as e:
+        hparams.load(path, ["training.lr", "training.lrr=0.1", "training.iterations=abc", "pruning.fc_rate=1"])
+    assert sorted(e.value.problems) == [
+        "override 'training.lr' is not of the form key=value (e.g. training.lr=3e-4)",
+        "training.iterations: expected an integer, got 'abc'",
+        "training.lrr: unknown key (did you mean 'training.lr'?)"]  # fc_rate's range is checked once types are right
+    assert str(path) in str(e.value)
+
+
+def test_params_file_problems(tmp_path: Path) -> None:
+    with pytest.raises(HparamsError, match="file not found"):
+        hparams.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [lr: 1\n")
+    with pytest.raises(HparamsError, match="not valid YAML"):
+        hparams.load(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(HparamsError, match="expected a mapping of sections"):
+        hparams.load(bad)
+
+
+# ---------------------------------------------------------------------------------------------- hash
+
+def test_same_params_same_hash(tmp_path: Path) -> None:
+    a = hparams.load(write_params(tmp_path))
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    reordered = {k: (dict(reversed(list(v.items()))) if isinstance(v, dict) else v) for k, v in reversed(doc.items())}
+    assert from_dict(reordered).hash == a.hash == Hparams().hash  # params.yaml holds the defaults
+    assert from_dict({"training": {"lr": 0.0012, "iterations": 50000.0}}).hash == a.hash
+    assert len(a.hash) == 32 and a.canonical() == Hparams().canonical()
+
+
+def changed_values() -> dict[str, object]:
+    """A different valid value for every hyperparameter (pruning.rounds is not part of the hash)."""
+    d = hparams.flatten(Hparams().to_dict())
+    out: dict[str, object] = {}
+    for key, value in d.items():
+        if isinstance(value, bool):
+            out[key] = not value
+        elif isinstance(value, int):
+            out[key] = value + 1
+        elif isinstance(value, float):
+            out[key] = value + 0.05
+        elif isinstance(value, list):
+            out[key] = {"training.lr_milestones": [100], "pruning.exclude": ["layers.0"]}[key]
+    out.update({"dataset.name": "xor", "model.name": "xor", "training.optimizer": "sgd",
+                "pruning.strategy": "global", "pruning.schedule": "oneshot"})
+    assert set(out) == set(d)
+    return out
+
+
+def replace(hp: Hparams, key: str, value: object) -> Hparams:
+    if "." not in key:
+        return dataclasses.replace(hp, **{key: value})
+    section, name = key.split(".")
+    return dataclasses.replace(hp, **{section: dataclasses.replace(getattr(hp, section), **{name: value})})
+
+
+def test_every_hyperparameter_changes_the_hash_except_rounds() -> None:
+    base = Hparams()
+    for key, value in changed_values().items():
+        other = replace(base, key, value)
+        if key == "pruning.rounds":
+            assert other.hash == base.hash and other.round_hash(1, 0) == base.round_hash(1, 0)
+        else:
+            assert other.hash != base.hash, key
+            assert other.round_hash(1, 0) != base.round_hash(1, 0), key
+
+
+def test_round_hash_separates_rounds_trials_and_kinds() -> None:
+    hp = Hparams()
+    hashes = {hp.round_hash(k, t, kind) for k in (0, 1) for t in (0, 1) for kind in ("ticket", "reinit")}
+    assert len(hashes) == 8
+
+
+def test_runtime_section_never_changes_the_hash() -> None:
+    base = from_dict({})
+    rt = from_dict({"runtime": {"device": "cpu", "threads": 2, "quiet": True, "checkpoint_seconds": 5}})
+    assert rt.hash == base.hash and rt.round_hash(3, 0) == base.round_hash(3, 0)
+
+
+# ------------------------------------------------------------- commands fail before any work starts
+
+BAD = {"training": {"lr": "fast", "itterations": 10}, "trials": True}
+
+
+@pytest.fixture
+def bad_project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    for name in ("stages", "src"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    write_params(tmp_path, BAD)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "src"), "LTH_CHECKPOINT_DIR": str(tmp_path / "ckpt")}
+    return tmp_path, env
+
+
+@pytest.mark.parametrize("cmd", [
+    ["-m", "lth.cli", "run"],
+    ["-m", "lth.cli", "pipeline"],
+    ["stages/prepare.py"],
+    ["stages/train_round.py", "--round", "0"],
+])
+def test_commands_fail_with_the_problems_before_any_work(bad_project: tuple[Path, dict[str, str]],
+                                                          cmd: list[str]) -> None:
+    root, env = bad_project
+    proc = subprocess.run([sys.executable, *cmd], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "3 problem(s) in params.yaml" in proc.stderr
+    assert "  - training.lr: expected a number, got 'fast'" in proc.stderr
+    assert "  - training.itterations: unknown key (did you mean 'training.iterations'?)" in proc.stderr
+    assert "  - trials: expected an integer, got True" in proc.stderr
+    assert not any((root / d).exists() for d in ("runs", "data", "ckpt", "dvc.yaml", "mlflow.db"))

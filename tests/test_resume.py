@@ -1,0 +1,175 @@
+"""Interrupted runs resume: SIGKILL, SIGTERM and Ctrl-C partway through a round, then the same command again
+gives outputs identical to an uninterrupted run, without re-running finished rounds."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lth import hparams
+from lth.imp import trial_dir
+from tests.conftest import ROOT, make_project, needs_mnist
+
+
+def assert_same_outputs(a: Path, b: Path) -> None:
+    for name in ("metrics.json", "curve.csv"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    for name in ("final.pt", "mask.pt"):
+        ta, tb = torch.load(a / name, weights_only=True), torch.load(b / name, weights_only=True)
+        assert ta.keys() == tb.keys()
+        assert all(torch.equal(ta[k], tb[k]) for k in ta), name
+
+
+def wait_for(path: Path, proc: subprocess.Popen, newer_than: float = 0.0, timeout: float = 300) -> None:
+    """Poll until `path` exists (modified after `newer_than`); fail if the process ends first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists() and path.stat().st_mtime > newer_than:
+            return
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"process ended ({proc.returncode}) before {path} was written:\n{out}")
+        time.sleep(0.01)
+    raise AssertionError(f"{path} not written within {timeout} s")
+
+
+# ------------------------------------------------------------------------- SIGTERM and Ctrl-C (fast, XOR)
+
+XOR = {"dataset": {"name": "xor", "validation_size": 1000}, "model": {"name": "xor"},
+       "training": {"iterations": 400, "eval_every": 10, "test_every": 100, "batch_size": 60},
+       "pruning": {"rounds": 1}, "runtime": {"threads": 1, "checkpoint_seconds": 0}}
+
+
+def xor_workdir(dest: Path) -> tuple[Path, dict[str, str]]:
+    """The stage scripts and library with an XOR params.yaml (no git/DVC needed to run a stage)."""
+    import yaml
+
+    dest.mkdir(parents=True)
+    for name in ("stages", "src"):
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (dest / "params.yaml").write_text(yaml.safe_dump(XOR))
+    env = {**os.environ, "PYTHONPATH": str(dest / "src"), "CI": "true", "LTH_CHECKPOINT_DIR": str(dest / "ckpt")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return dest, env
+
+
+def stage(cwd: Path, env: dict[str, str], *args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=300)
+    return proc.returncode, out
+
+
+def test_sigint_and_sigterm_save_a_checkpoint_and_the_round_resumes_bit_identical(tmp_path: Path) -> None:
+    a, env_a = xor_workdir(tmp_path / "a")
+    for args in (("stages/prepare.py",), ("stages/train_round.py", "--round", "0")):
+        rc, out = finish(stage(a, env_a, *args))
+        assert rc == 0, out
+    b, env_b = xor_workdir(tmp_path / "b")  # the uninterrupted reference, from the same round 0
+    shutil.copytree(a / "data", b / "data")
+    shutil.copytree(a / "runs", b / "runs")
+    hp = hparams.load(a / "params.yaml")
+    ckpt = a / "ckpt" / f"{hp.round_hash(1, 0, 'ticket')}.pt"
+
+    # Ctrl-C: the round saves a checkpoint at the next iteration and exits.
+    proc = stage(a, env_a, "stages/train_round.py", "--round", "1")
+    wait_for(ckpt, proc)
+    proc.send_signal(signal.SIGINT)
+    rc, out = finish(proc)
+    assert rc != 0, out
+    first = torch.load(ckpt, weights_only=True)
+    assert f"ticket round 1 interrupted (signal {int(signal.SIGINT)}) at iteration {first['iteration']}" in out
+    assert 0 < first["iteration"] < 400 and first["key"] == hp.round_hash(1, 0, "ticket")
+    assert not (trial_dir(a / "runs", "ticket", 1, 0) / "metrics.json").exists()
+
+    # Resume, then SIGTERM once it has made progress (a newer periodic checkpoint).
+    mtime = ckpt.stat().st_mtime
+    proc = stage(a, env_a, "stages/train_round.py", "--round", "1")
+    wait_for(ckpt, proc, newer_than=mtime)
+    proc.send_signal(signal.SIGTERM)
+    rc, out = finish(proc)
+    assert rc == 128 + signal.SIGTERM, out
+    assert f"resuming ticket round 1 from iteration {first['iteration']} " in out
+    second = torch.load(ckpt, weights_only=True)
+    assert second["iteration"] > first["iteration"]
+    assert f"interrupted (signal {int(signal.SIGTERM)}) at iteration {second['iteration']}" in out
+
+    rc, out = finish(stage(a, env_a, "stages/train_round.py", "--round", "1"))
+    assert rc == 0, out
+    assert f"resuming ticket round 1 from iteration {second['iteration']} " in out
+    assert not ckpt.exists(), "a finished round deletes its checkpoint"
+
+    rc, out = finish(stage(b, env_b, "stages/train_round.py", "--round", "1"))
+    assert rc == 0 and "resuming" not in out, out
+    assert_same_outputs(trial_dir(a / "runs", "ticket", 1, 0), trial_dir(b / "runs", "ticket", 1, 0))
+
+
+def test_checkpoint_of_other_hyperparameters_is_never_used(tmp_path: Path) -> None:
+    """A checkpoint saved under another round hash (copied or renamed into place) is ignored with a message."""
+    a, env = xor_workdir(tmp_path / "a")
+    rc, out = finish(stage(a, env, "stages/prepare.py"))
+    assert rc == 0, out
+    hp = hparams.load(a / "params.yaml")
+    ckpt = a / "ckpt" / f"{hp.round_hash(0, 0, 'ticket')}.pt"
+    proc = stage(a, env, "stages/train_round.py", "--round", "0")
+    wait_for(ckpt, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc)[0] == 128 + signal.SIGTERM
+    # Same file name, but saved by a run with another learning rate.
+    other = hparams.load(a / "params.yaml", ["training.lr=0.5"])
+    state = torch.load(ckpt, weights_only=True)
+    state["key"] = other.round_hash(0, 0, "ticket")
+    torch.save(state, ckpt)
+    rc, out = finish(stage(a, env, "stages/train_round.py", "--round", "0"))
+    assert rc == 0, out
+    assert "ignoring checkpoint" in out and other.round_hash(0, 0, "ticket") in out
+    assert "resuming" not in out
+
+
+# --------------------------------------------------------------------- SIGKILL of `dvc repro` (MNIST)
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_killed_dvc_repro_resumes_the_round_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    tiny = {"pruning.rounds": 1, "training.iterations": 400, "training.eval_every": 20,
+            "training.test_every": 100, "runtime.threads": 1, "runtime.checkpoint_seconds": 0}
+    p = make_project(tmp_path / "killed", tiny)
+    hp = hparams.load(p.root / "params.yaml")
+    ckpt = p.root / ".lth" / "checkpoints" / f"{hp.round_hash(1, 0, 'ticket')}.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=p.root, env=p.env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(ckpt, proc, timeout=600)
+    os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage it runs: nothing gets to clean up
+    proc.communicate()
+    killed_at = torch.load(ckpt, weights_only=True)["iteration"]
+    assert 0 < killed_at < 400
+    round0 = trial_dir(p.root / "runs", "ticket", 0, 0)
+    assert not (trial_dir(p.root / "runs", "ticket", 1, 0) / "metrics.json").exists()
+    round0_mtime = (round0 / "final.pt").stat().st_mtime_ns
+
+    r = p.dvc("repro")
+    out = r.stdout + r.stderr
+    assert "Running stage 'ticket_round_00'" not in out and "Running stage 'prepare'" not in out, out
+    assert re.search(rf"resuming ticket round 1 from iteration {killed_at} ", out), out
+    assert (round0 / "final.pt").stat().st_mtime_ns == round0_mtime
+    assert not ckpt.exists()
+
+    ref = make_project(tmp_path / "uninterrupted", tiny)
+    ref.dvc("repro")
+    for k in (0, 1):
+        assert_same_outputs(trial_dir(p.root / "runs", "ticket", k, 0), trial_dir(ref.root / "runs", "ticket", k, 0))
+    # The run-cache still works for finished stages: nothing left to do.
+    assert "Running stage" not in p.dvc("repro").stdout
