@@ -6,7 +6,7 @@ from pathlib import Path
 from lth import hparams, html_report, pipeline, report
 
 if __name__ == "__main__":
-    hp = hparams.load()
+    hp = hparams.load_or_exit()
     pipeline.check_current(hp)
     results = Path(pipeline.RESULTS_DIR)
     agg = report.aggregate(report.collect(Path(pipeline.RUNS_DIR), hp.pruning.rounds,

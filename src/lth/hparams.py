@@ -340,6 +340,14 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...
     return hp
 
 
+def load_or_exit(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Hparams:
+    """`load` for scripts (the DVC stages): every problem printed, one per line, exit status 1, no traceback."""
+    try:
+        return load(path, overrides)
+    except HparamsError as e:
+        raise SystemExit(f"lth: {e}") from None
+
+
 def runtime_settings(path: str | Path = "params.yaml") -> dict[str, Any]:
     """The `runtime` section of params.yaml (threads, device, progress): never part of the hash."""
     path = Path(path)
