@@ -12,7 +12,7 @@ if __name__ == "__main__":
     parser.add_argument("--round", type=int, required=True, help="round index (0 = dense)")
     parser.add_argument("--kind", choices=KINDS, default="ticket")
     args = parser.parse_args()
-    hp = hparams.load()
+    hp = hparams.load_or_exit()
     rt = runtime.configure()
     run_round(hp, args.round, args.kind, Path(RUNS_DIR), Path(DATA_DIR), device=rt["device"], quiet=rt["quiet"],
               checkpoint_seconds=rt["checkpoint_seconds"])

@@ -30,7 +30,7 @@ from lth.data import Data, load_prepared, prepared_path
 from lth.hparams import Hparams
 from lth.models.base import PrunableModel
 from lth.registry import build_model
-from lth.training import CURVE_COLUMNS, TrainResult, train
+from lth.training import CURVE_COLUMNS, StopRequest, TrainResult, train
 
 KINDS = ("ticket", "reinit", "random_pruning")
 # Seeds of the controls' randomness are offset so that they never coincide with a ticket's.
@@ -141,13 +141,18 @@ def write_curve(path: Path, curve: list[dict[str, float]]) -> None:
 
 
 def run_trial(hp: Hparams, data: Data, runs: Path, round_index: int, kind: str, trial: int,
-              device: torch.device, progress=None) -> tuple[dict, TrainResult, pruning.Mask]:  # noqa: ANN001
+              device: torch.device, progress=None, checkpoint_seconds: float | None = 60.0,  # noqa: ANN001
+              stop: StopRequest | None = None, label: str = "training") -> tuple[dict, TrainResult, pruning.Mask]:
+    """Train one trial and write its outputs under `runs`. `checkpoint_seconds=None` turns checkpoints
+    off (no resuming either): `lth verify` re-runs a round that way."""
     model, mask, start = prepare_network(hp, runs, round_index, kind, trial)
     model.to(device)
-    ckpt = checkpoint_path(hp, round_index, trial, kind)
+    ckpt = checkpoint_path(hp, round_index, trial, kind) if checkpoint_seconds is not None else None
     rewind_at = hp.pruning.rewind_iteration if (round_index == 0 and kind == "ticket") else None
     result = train(model, data, hp.training, seed=trial_seed(hp, trial), mask=mask, start_iteration=start,
-                   rewind_iteration=rewind_at, checkpoint=ckpt, progress=progress)
+                   rewind_iteration=rewind_at, checkpoint=ckpt, checkpoint_seconds=checkpoint_seconds or 0.0,
+                   progress=progress, checkpoint_key=hp.round_hash(round_index, trial, kind), label=label,
+                   stop=stop)
     kept, total = pruning.density(mask)
     metrics = {"round": round_index, "trial": trial, "kind": kind, **result.metrics,
                "percent_remaining": 100.0 * kept / total, "weights_remaining": kept, "weights_total": total,
@@ -165,11 +170,22 @@ def run_trial(hp: Hparams, data: Data, runs: Path, round_index: int, kind: str, 
 
 
 def run_round(hp: Hparams, round_index: int, kind: str, runs: Path, data_dir: Path,
-              device: torch.device | None = None, track: bool = True, quiet: bool = False) -> list[dict]:
-    """Train every trial of one round and write its outputs; log each to MLflow when `track`."""
-    from lth.progress import RoundProgress
+              device: torch.device | None = None, track: bool = True, quiet: bool = False,
+              checkpoint_seconds: float | None = 60.0, trials: list[int] | None = None,
+              workers: int | None = None) -> list[dict]:
+    """Train every trial of one round (or only `trials`) and write its outputs; log each to MLflow when `track`.
+    Ctrl-C or SIGTERM saves a checkpoint and exits; running the round again resumes it. With several trials,
+    `workers` processes (default: runtime.workers, auto = min(trials, cores)) train them in parallel, each
+    with `runtime.threads` threads; every trial's results are the same as when trained alone."""
+    from lth import runtime
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    trials = list(range(hp.trials)) if trials is None else trials
+    workers = workers or runtime.workers(len(trials), device)
+    if workers > 1:
+        return _run_in_workers(hp, round_index, kind, runs, data_dir, device, track, quiet, checkpoint_seconds,
+                               trials, workers)
+    torch.set_num_threads(runtime.threads(hp.model.name, 1))
     data = load_prepared(prepared_path(data_dir, hp.dataset), hp.dataset).to(device)
     tracker = None
     if track:
@@ -181,25 +197,98 @@ def run_round(hp: Hparams, round_index: int, kind: str, runs: Path, data_dir: Pa
             warn(f"MLflow is unavailable ({e}); training goes on and results are written to {runs}. "
                  "Replay the logging later with `lth sync-mlflow`.")
     all_metrics = []
-    for trial in range(hp.trials):
-        label = f"{kind} round {round_index}" + (f" trial {trial}" if hp.trials > 1 else "")
-        t0 = time.perf_counter()
-        with RoundProgress(label, hp.training.iterations, quiet=quiet) as bar:
-            metrics, result, mask = run_trial(hp, data, runs, round_index, kind, trial, device, bar.update)
-        all_metrics.append(metrics)
-        print(f"lth: {label}: {metrics['percent_remaining']:.2f}% remaining, test accuracy "
-              f"{metrics['test_accuracy_at_early_stop']:.4f} at early stop (iteration "
-              f"{metrics['early_stop_iteration']}), {metrics['test_accuracy_final']:.4f} at the end "
-              f"[{time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
-        if tracker is not None:
-            try:
-                tracker.log_round(hp, round_index, kind, trial, metrics, result.curve, pruning.pack(mask),
-                                  trial_dir(runs, kind, round_index, trial) / "final.pt", result.seconds)
-            except Exception as e:
-                from lth.tracking import warn
-
-                warn(f"MLflow logging of {label} failed ({type(e).__name__}: {e}); the results are safe in "
-                     f"{trial_dir(runs, kind, round_index, trial)}. Replay with `lth sync-mlflow`.")
-        checkpoint_path(hp, round_index, trial, kind).unlink(missing_ok=True)
+    with StopRequest() as stop:
+        for i, trial in enumerate(trials):
+            all_metrics.append(_run_and_log(hp, data, runs, round_index, kind, trial, device, tracker, quiet,
+                                            checkpoint_seconds, stop))
+            if stop.signum is not None and i + 1 < len(trials):  # the signal came after training ended
+                stop.exit(f"{kind} round {round_index} interrupted after trial {trial}; run it again to resume")
     return all_metrics
+
+
+def _run_in_workers(hp: Hparams, round_index: int, kind: str, runs: Path, data_dir: Path, device: torch.device,
+                    track: bool, quiet: bool, checkpoint_seconds: float | None, trials: list[int],
+                    workers: int) -> list[dict]:
+    """Trials split round-robin over `workers` spawned processes, each a `run_round` of its share. Workers
+    sit in their own process group, so a Ctrl-C reaches them once, forwarded from here: each saves its
+    checkpoint and exits, and running the round again resumes every trial."""
+    import multiprocessing
+
+    from lth import runtime
+
+    threads = runtime.threads(hp.model.name, workers)
+    if track:  # create (migrate) a new sqlite store and the experiment once: concurrent migrations collide
+        from lth.tracking import Tracker
+
+        try:
+            Tracker().experiment_id(hp)
+        except Exception:  # noqa: BLE001 - each worker reports an unavailable store itself, and carries on
+            pass
+    ctx = multiprocessing.get_context("spawn")  # fork after OpenMP has started can hang the child
+    procs = [ctx.Process(target=_worker, name=f"lth-trials-{w}",
+                         args=(hp, round_index, kind, runs, data_dir, str(device), track, quiet, checkpoint_seconds,
+                               trials[w::workers], threads))
+             for w in range(workers)]
+    with StopRequest() as stop:
+        for proc in procs:
+            proc.start()
+        forwarded = False
+        while any(proc.is_alive() for proc in procs):
+            if stop.signum is not None and not forwarded:
+                for proc in procs:
+                    if proc.is_alive():
+                        os.kill(proc.pid, stop.signum)
+                forwarded = True
+            for proc in procs:
+                proc.join(timeout=0.1)
+        if stop.signum is not None:
+            stop.exit(f"{kind} round {round_index} interrupted; run it again to resume every trial")
+    failed = [f"{proc.name} (exit code {proc.exitcode})" for proc in procs if proc.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{kind} round {round_index}: trial worker {', '.join(failed)} failed; its error is "
+                           "printed above. Finished trials are kept: fix the cause and run the round again.")
+    return [json.loads((trial_dir(runs, kind, round_index, t) / "metrics.json").read_text()) for t in trials]
+
+
+def _worker(hp: Hparams, round_index: int, kind: str, runs: Path, data_dir: Path, device: str, track: bool,
+            quiet: bool, checkpoint_seconds: float | None, trials: list[int], threads: int) -> None:
+    os.setpgrp()  # terminal signals go to the parent, which forwards them once
+    if sys.platform.startswith("linux"):  # if the parent dies, SIGTERM: checkpoint and exit, not an orphan
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    os.environ["CI"] = "1"  # progress as lines: several live bars on one terminal would overwrite each other
+    os.environ["LTH_THREADS"] = str(threads)  # what run_round applies
+    run_round(hp, round_index, kind, runs, data_dir, torch.device(device), track, quiet, checkpoint_seconds,
+              trials, workers=1)
+
+
+def _run_and_log(hp: Hparams, data: Data, runs: Path, round_index: int, kind: str, trial: int,
+                 device: torch.device, tracker, quiet: bool, checkpoint_seconds: float | None,  # noqa: ANN001
+                 stop: StopRequest) -> dict:
+    """One trial: train (resuming from its checkpoint), write the DVC outputs, then log to MLflow."""
+    from lth.progress import RoundProgress
+
+    label = f"{kind} round {round_index}" + (f" trial {trial}" if hp.trials > 1 else "")
+    t0 = time.perf_counter()
+    with RoundProgress(label, hp.training.iterations, quiet=quiet, round_index=round_index,
+                       rounds=hp.pruning.rounds) as bar:
+        metrics, result, mask = run_trial(hp, data, runs, round_index, kind, trial, device, bar.update,
+                                          checkpoint_seconds, stop, label)
+    print(f"lth: {label}: {metrics['percent_remaining']:.2f}% remaining, test accuracy "
+          f"{metrics['test_accuracy_at_early_stop']:.4f} at early stop (iteration "
+          f"{metrics['early_stop_iteration']}), {metrics['test_accuracy_final']:.4f} at the end "
+          f"[{time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+    if tracker is not None:
+        try:
+            tracker.log_round(hp, round_index, kind, trial, metrics, result.curve, pruning.pack(mask),
+                              trial_dir(runs, kind, round_index, trial) / "final.pt", result.seconds)
+        except Exception as e:
+            from lth.tracking import warn
+
+            warn(f"MLflow logging of {label} failed ({type(e).__name__}: {e}); the results are safe in "
+                 f"{trial_dir(runs, kind, round_index, trial)}. Replay with `lth sync-mlflow`.")
+    checkpoint_path(hp, round_index, trial, kind).unlink(missing_ok=True)
+    return metrics
 

@@ -1,0 +1,146 @@
+"""Fixed costs around training: a no-op `dvc repro` of a 20-round pipeline, and a stage process's start-up.
+
+    python benchmarks/bench_overhead.py [--repeats 3] [--rounds 20]
+
+Part 1 makes a temp git + DVC project (the real stages and library, `lth pipeline` with pruning.rounds=20
+and both controls), fills every stage's outputs with files of the real sizes (data/prepared ~47 MB,
+per trial final.pt, mask.pt, metrics.json, curve.csv), records them with `dvc commit`, and times
+`dvc repro` when everything is cached (it must run nothing). Target: < 3 s.
+Part 2 times the phases of a stage process before training starts, in a fresh interpreter each repeat:
+python start, `import torch`, the stage's lth imports (and whether they pulled in mlflow), loading the
+prepared data, and opening an existing MLflow sqlite store (import mlflow + client + experiment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import CACHE, header, median, mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = {"final.pt": 1_070_000, "mask.pt": 268_000, "metrics.json": 600, "curve.csv": 30_000}
+CHILD = """
+import time, sys
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+from lth import hparams, runtime
+from lth.imp import run_round
+from lth.data import load_prepared, prepared_path
+t2 = time.perf_counter()
+mlflow_imported = "mlflow" in sys.modules
+hp = hparams.Hparams()
+data = load_prepared(prepared_path({cache!r}, hp.dataset), hp.dataset)
+t3 = time.perf_counter()
+import os
+os.environ["MLFLOW_TRACKING_URI"] = "sqlite:///" + {db!r}
+from lth.tracking import Tracker
+Tracker().experiment_id(hp)
+t4 = time.perf_counter()
+print(t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3, mlflow_imported)
+"""
+
+
+def noop_repro(rounds: int, repeats: int) -> None:
+    from tests.conftest import make_project
+
+    with tempfile.TemporaryDirectory() as tmp:
+        project = make_project(Path(tmp) / "p", {"pruning.rounds": rounds, "controls.random_reinit": True,
+                                                 "controls.random_pruning": True})
+        root = project.root
+        (root / "data" / "prepared").mkdir(parents=True)
+        (root / "data" / "prepared" / "mnist.pt").write_bytes(os.urandom(47_000_000))
+        stages = 0
+        for kind in ("ticket", "reinit", "random_pruning"):
+            for k in range(0 if kind == "ticket" else 1, rounds + 1):
+                trial = root / "runs" / kind / f"round_{k:02d}" / "trial_0"
+                trial.mkdir(parents=True)
+                for name, size in SIZES.items():
+                    (trial / name).write_bytes(os.urandom(size))
+                if kind == "ticket" and k == 0:
+                    (trial / "rewind.pt").write_bytes(os.urandom(SIZES["final.pt"]))
+                stages += 1
+        stages += 2  # prepare and evaluate
+        _fake_outputs(root, "evaluate")
+        t0 = time.perf_counter()
+        project.dvc("commit", "-f")
+        print(f"part 1: {stages} stages recorded with dvc commit ({time.perf_counter() - t0:.1f} s)")
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = project.dvc("repro")
+            times.append(time.perf_counter() - t0)
+            assert "Running stage" not in out.stdout, f"dvc repro ran a stage:\n{out.stdout}"
+        print(f"  no-op dvc repro: {median(times):.2f} s (median of {repeats}: {[round(t, 2) for t in times]}); "
+              "target < 3 s")
+        t0 = time.perf_counter()
+        project.dvc("repro", "ticket_round_01")
+        print(f"  no-op dvc repro ticket_round_01 (one target): {time.perf_counter() - t0:.2f} s")
+        t0 = time.perf_counter()
+        project.dvc("status")
+        print(f"  dvc status: {time.perf_counter() - t0:.2f} s")
+
+
+def _fake_outputs(root: Path, stage: str) -> None:
+    """Small files in place of a stage's outputs, metrics and plots (a directory gets one file inside)."""
+    import yaml
+
+    spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage]
+    for entry in spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", []):
+        path = root / (entry if isinstance(entry, str) else next(iter(entry)))
+        if path.suffix:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("{}\n" if path.suffix == ".json" else "x\n")
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "figure.png").write_bytes(b"x")
+
+
+def stage_startup(repeats: int) -> None:
+    mnist()  # make sure the prepared data exists
+    print("part 2: fixed cost of a stage process (fresh interpreter each repeat), seconds")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        code = CHILD.format(cache=str(CACHE), db=str(Path(tmp) / "mlflow.db"))
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        print(f"  (first stage process, which creates the sqlite store: {time.perf_counter() - t0:.2f} s in all)")
+        for _ in range(repeats):
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            _, torch_s, lth_s, data_s, mlflow_s, mlflow_imported = out.stdout.split()
+            rows.append((_python_start(), float(torch_s), float(lth_s), float(data_s), float(mlflow_s)))
+            if mlflow_imported == "True":
+                print("  WARNING: importing the stage's lth modules imported mlflow")
+    names = ("python start (python -c pass)", "import torch", "lth stage imports (no mlflow)",
+             "load prepared MNIST", "open MLflow sqlite store")
+    for i, name in enumerate(names):
+        print(f"  {name:<32}{median([r[i] for r in rows]):6.2f}")
+    print(f"  {'total before training':<32}{sum(median([r[i] for r in rows]) for i in range(5)):6.2f}")
+
+
+def _python_start() -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=20)
+    args = ap.parse_args()
+    header("pipeline overhead")
+    noop_repro(args.rounds, args.repeats)
+    stage_startup(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
