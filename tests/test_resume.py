@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lth import hparams
-from lth.imp import trial_dir
+from lth.imp import checkpoint_key, trial_dir
 from tests.conftest import ROOT, make_project, needs_mnist
 
 
@@ -91,7 +91,7 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_the_round_resumes_bit_identica
     assert rc != 0, out
     first = torch.load(ckpt, weights_only=True)
     assert f"ticket round 1 interrupted (signal {int(signal.SIGINT)}) at iteration {first['iteration']}" in out
-    assert 0 < first["iteration"] < 400 and first["key"] == hp.round_hash(1, 0, "ticket")
+    assert 0 < first["iteration"] < 400 and first["key"] == checkpoint_key(hp, 1, 0, "ticket")
     assert not (trial_dir(a / "runs", "ticket", 1, 0) / "metrics.json").exists()
 
     # Resume, then SIGTERM once it has made progress (a newer periodic checkpoint).
@@ -116,8 +116,10 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_the_round_resumes_bit_identica
     assert_same_outputs(trial_dir(a / "runs", "ticket", 1, 0), trial_dir(b / "runs", "ticket", 1, 0))
 
 
-def test_checkpoint_of_other_hyperparameters_is_never_used(tmp_path: Path) -> None:
-    """A checkpoint saved under another round hash (copied or renamed into place) is ignored with a message."""
+@pytest.mark.parametrize("saved_by", ["other hyperparameters", "other code"])
+def test_checkpoint_of_other_hyperparameters_or_code_is_never_used(tmp_path: Path, saved_by: str) -> None:
+    """A checkpoint saved under another round hash (copied or renamed into place), or by another version of
+    the training code, is ignored with a message."""
     a, env = xor_workdir(tmp_path / "a")
     rc, out = finish(stage(a, env, "stages/prepare.py"))
     assert rc == 0, out
@@ -127,14 +129,17 @@ def test_checkpoint_of_other_hyperparameters_is_never_used(tmp_path: Path) -> No
     wait_for(ckpt, proc)
     proc.send_signal(signal.SIGTERM)
     assert finish(proc)[0] == 128 + signal.SIGTERM
-    # Same file name, but saved by a run with another learning rate.
-    other = hparams.load(a / "params.yaml", ["training.lr=0.5"])
     state = torch.load(ckpt, weights_only=True)
-    state["key"] = other.round_hash(0, 0, "ticket")
+    assert state["key"] == checkpoint_key(hp, 0, 0, "ticket")
+    # Same file name, but saved by a run with another learning rate, or by an older training loop.
+    other = hparams.load(a / "params.yaml", ["training.lr=0.5"])
+    foreign = (checkpoint_key(other, 0, 0, "ticket") if saved_by == "other hyperparameters"
+               else f"{hp.round_hash(0, 0, 'ticket')}-code-000000000000")
+    state["key"] = foreign
     torch.save(state, ckpt)
     rc, out = finish(stage(a, env, "stages/train_round.py", "--round", "0"))
     assert rc == 0, out
-    assert "ignoring checkpoint" in out and other.round_hash(0, 0, "ticket") in out
+    assert "ignoring checkpoint" in out and foreign in out
     assert "resuming" not in out
 
 

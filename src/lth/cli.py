@@ -45,13 +45,36 @@ def pipeline_cmd(params_path: str) -> None:
 
 @main.command("run", context_settings={"ignore_unknown_options": True})
 @PARAMS_OPTION
+@click.option("--jobs", "-j", type=click.IntRange(min=0), default=0, show_default=True,
+              help="stages run side by side (0 = auto: one per core for fully connected networks, else 1)")
 @click.argument("dvc_args", nargs=-1, type=click.UNPROCESSED)
-def run_cmd(params_path: str, dvc_args: tuple[str, ...]) -> None:
-    """Validate params, render dvc.yaml, then `dvc repro` (extra arguments go to dvc repro)."""
+def run_cmd(params_path: str, jobs: int, dvc_args: tuple[str, ...]) -> None:
+    """Validate params, render dvc.yaml, then reproduce the pipeline through DVC.
+
+    With one job this is `dvc repro` (extra arguments go to it). With several, independent stages (a
+    round's controls beside the next round, the rounds of a one-shot experiment) run at the same time,
+    each as `dvc repro --single-item STAGE`: DVC records and caches them as usual.
+    """
+    from lth import schedule
+
     hp = load_or_exit(params_path)
     pipeline.write(hp)
-    click.echo(f"lth: experiment {hp.short_name} ({hp.pruning.rounds} rounds); running dvc repro", err=True)
-    sys.exit(subprocess.call(["dvc", "repro", *dvc_args]))
+    if jobs > 1 and dvc_args:
+        raise click.UsageError(f"extra dvc repro arguments ({' '.join(dvc_args)}) work with one job only: "
+                               "drop them or pass -j 1")
+    jobs = jobs or (1 if dvc_args else schedule.auto_jobs(hp.model.name))
+    env = schedule.child_env(jobs, hp.model.name)
+    if jobs == 1:
+        click.echo(f"lth: experiment {hp.short_name} ({hp.pruning.rounds} rounds); running dvc repro", err=True)
+        sys.exit(subprocess.call([*schedule.DVC, "repro", *dvc_args], env=env))
+    graph = schedule.stage_graph()
+    try:
+        todo = schedule.stale_stages(graph, env)
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"lth: experiment {hp.short_name} ({hp.pruning.rounds} rounds); {len(todo)} of {len(graph)} "
+               f"stages to run, up to {jobs} at a time", err=True)
+    sys.exit(schedule.repro(graph, todo, jobs, env))
 
 
 @main.command("locate")

@@ -16,6 +16,7 @@ mask with the ticket's per-layer sparsity, original weights).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -44,6 +45,24 @@ def round_dir(runs: Path, kind: str, round_index: int) -> Path:
 
 def trial_dir(runs: Path, kind: str, round_index: int, trial: int) -> Path:
     return round_dir(runs, kind, round_index) / f"trial_{trial}"
+
+
+def code_fingerprint() -> str:
+    """MD5 of the library code that training runs (the files a round's DVC stage depends on): a checkpoint
+    saved by other code is never resumed, so a fix to the loop cannot mix with results of the old one."""
+    package = Path(__file__).parent
+    files = sorted(p for name in ("data.py", "hparams.py", "imp.py", "pruning.py", "registry.py", "training.py",
+                                  "models") for p in ([package / name] if name.endswith(".py")
+                                                      else (package / name).rglob("*.py")))
+    digest = hashlib.md5()
+    for path in files:
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def checkpoint_key(hp: Hparams, round_index: int, trial: int, kind: str) -> str:
+    """What a checkpoint must have been saved under to be resumed: the round's hash and the code's."""
+    return f"{hp.round_hash(round_index, trial, kind)}-code-{code_fingerprint()[:12]}"
 
 
 def checkpoint_path(hp: Hparams, round_index: int, trial: int, kind: str) -> Path:
@@ -151,7 +170,7 @@ def run_trial(hp: Hparams, data: Data, runs: Path, round_index: int, kind: str, 
     rewind_at = hp.pruning.rewind_iteration if (round_index == 0 and kind == "ticket") else None
     result = train(model, data, hp.training, seed=trial_seed(hp, trial), mask=mask, start_iteration=start,
                    rewind_iteration=rewind_at, checkpoint=ckpt, checkpoint_seconds=checkpoint_seconds or 0.0,
-                   progress=progress, checkpoint_key=hp.round_hash(round_index, trial, kind), label=label,
+                   progress=progress, checkpoint_key=checkpoint_key(hp, round_index, trial, kind), label=label,
                    stop=stop)
     kept, total = pruning.density(mask)
     metrics = {"round": round_index, "trial": trial, "kind": kind, **result.metrics,
