@@ -80,7 +80,8 @@ def main() -> None:
 
     import mlflow
 
-    runs = mlflow.search_runs(search_all_experiments=True, tracking_uri=env["MLFLOW_TRACKING_URI"])
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(search_all_experiments=True)
     train, evaluate = runs["metrics.seconds_train"].sum(), runs["metrics.seconds_eval"].sum()
     core = wall * jobs
     other = core - train - evaluate
