@@ -202,7 +202,7 @@ RUNTIME_SECTIONS = ("runtime",)
 # The runtime section's keys and types: validated like the hyperparameters, never part of the hash.
 # A new runtime setting must be added here (a misspelled setting is an error, not silently ignored).
 RUNTIME_KEYS: dict[str, Any] = {"device": str, "threads": int, "workers": int, "quiet": bool,
-                                "checkpoint_seconds": float}
+                                "checkpoint_seconds": float, "sparse": str | bool}
 
 
 def _check_sections(doc: dict[str, Any], problems: list[str]) -> dict[str, Any]:
@@ -230,6 +230,8 @@ def _check_sections(doc: dict[str, Any], problems: list[str]) -> dict[str, Any]:
                     if key in ("threads", "workers", "checkpoint_seconds") and isinstance(v, (int, float)) \
                             and v < 0:
                         problems.append(f"{name}.{key}: must be 0 or more, got {v}")
+                    if key == "sparse" and v not in (True, False, "auto", "on", "off"):
+                        problems.append(f"{name}.{key}: expected auto, on or off, got {v!r}")
             continue
         out[name] = value
     return out

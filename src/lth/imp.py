@@ -50,10 +50,11 @@ def trial_dir(runs: Path, kind: str, round_index: int, trial: int) -> Path:
 def code_fingerprint() -> str:
     """MD5 of the library code that training runs (the files a round's DVC stage depends on): a checkpoint
     saved by other code is never resumed, so a fix to the loop cannot mix with results of the old one."""
+    from lth.pipeline import TRAIN_CODE
+
     package = Path(__file__).parent
-    files = sorted(p for name in ("data.py", "hparams.py", "imp.py", "pruning.py", "registry.py", "training.py",
-                                  "models") for p in ([package / name] if name.endswith(".py")
-                                                      else (package / name).rglob("*.py")))
+    paths = [package / name.removeprefix("src/lth/") for name in TRAIN_CODE]
+    files = sorted(f for p in paths for f in ([p] if p.suffix == ".py" else p.rglob("*.py")))
     digest = hashlib.md5()
     for path in files:
         digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
@@ -166,12 +167,14 @@ def run_trial(hp: Hparams, data: Data, runs: Path, round_index: int, kind: str, 
     off (no resuming either): `lth verify` re-runs a round that way."""
     model, mask, start = prepare_network(hp, runs, round_index, kind, trial)
     model.to(device)
+    from lth import runtime
+
     ckpt = checkpoint_path(hp, round_index, trial, kind) if checkpoint_seconds is not None else None
     rewind_at = hp.pruning.rewind_iteration if (round_index == 0 and kind == "ticket") else None
     result = train(model, data, hp.training, seed=trial_seed(hp, trial), mask=mask, start_iteration=start,
                    rewind_iteration=rewind_at, checkpoint=ckpt, checkpoint_seconds=checkpoint_seconds or 0.0,
                    progress=progress, checkpoint_key=checkpoint_key(hp, round_index, trial, kind), label=label,
-                   stop=stop)
+                   stop=stop, sparse=runtime.sparse_setting())
     kept, total = pruning.density(mask)
     metrics = {"round": round_index, "trial": trial, "kind": kind, **result.metrics,
                "percent_remaining": 100.0 * kept / total, "weights_remaining": kept, "weights_total": total,

@@ -26,7 +26,7 @@ RESULTS_DIR = "results"
 
 # The library code each kind of stage runs: a change re-runs the stage.
 TRAIN_CODE = ["src/lth/data.py", "src/lth/hparams.py", "src/lth/imp.py", "src/lth/models", "src/lth/pruning.py",
-              "src/lth/registry.py", "src/lth/training.py"]
+              "src/lth/registry.py", "src/lth/sparse.py", "src/lth/training.py"]
 
 
 def _keys(section: str, cls: type, skip: tuple[str, ...] = ()) -> list[str]:

@@ -22,6 +22,7 @@ def configure(params: str | Path = "params.yaml") -> dict[str, Any]:
     threads = _setting(settings, "threads")
     if threads:
         torch.set_num_threads(threads)
+    sparse_setting(params)  # a bad value stops the stage here, before any work
     return {"device": torch.device(device_name), "threads": torch.get_num_threads(),
             "quiet": bool(settings.get("quiet", False)), "checkpoint_seconds": checkpoint_seconds(settings)}
 
@@ -41,6 +42,22 @@ def checkpoint_seconds(settings: dict[str, Any]) -> float:
     if not seconds >= 0:
         raise SystemExit(f"lth: {source}={value!r} must be a number of seconds >= 0 (0 = at every evaluation).")
     return seconds
+
+
+def sparse_setting(params: str | Path = "params.yaml") -> str:
+    """Sparse kernels for pruned fully connected layers (lth.sparse): LTH_SPARSE, else runtime.sparse,
+    else auto (on CPU below 10% of weights remaining)."""
+    from lth.sparse import SETTINGS
+
+    value = os.environ.get("LTH_SPARSE")
+    source = "LTH_SPARSE"
+    if value is None:
+        value, source = runtime_settings(params).get("sparse", "auto"), "runtime.sparse"
+        if isinstance(value, bool):  # YAML reads a bare on / off as true / false
+            value = "on" if value else "off"
+    if value not in SETTINGS:
+        raise SystemExit(f"lth: {source}={value!r} is not a sparse-kernel setting; use one of {', '.join(SETTINGS)}.")
+    return value
 
 
 # Networks whose every layer is fully connected: at batch 60 a second thread gains little on an idle machine

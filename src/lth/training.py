@@ -27,6 +27,7 @@ from torch import nn
 from lth.data import Data, Split, augment_batch
 from lth.hparams import TrainingHparams
 from lth.pruning import Mask
+from lth.sparse import SparseMLP, use_sparse
 
 CURVE_COLUMNS = ("iteration", "train_loss", "val_loss", "val_accuracy", "test_accuracy")
 
@@ -160,7 +161,7 @@ ProgressFn = Callable[[int, dict[str, float]], None]
 def train(model: nn.Module, data: Data, hp: TrainingHparams, seed: int, mask: Mask | None = None,
           start_iteration: int = 0, rewind_iteration: int | None = None, checkpoint: Path | None = None,
           checkpoint_seconds: float = 60.0, progress: ProgressFn | None = None, checkpoint_key: str = "",
-          label: str = "training", stop: StopRequest | None = None) -> TrainResult:
+          label: str = "training", stop: StopRequest | None = None, sparse: str = "auto") -> TrainResult:
     """Train `model` (already initialized, masked and on its device) from `start_iteration` to
     `hp.iterations`. Pruned weights (mask False) stay exactly zero: their gradients are zeroed before
     each step, so their optimizer state stays zero and Adam's and SGD's updates of them are exactly zero
@@ -168,12 +169,30 @@ def train(model: nn.Module, data: Data, hp: TrainingHparams, seed: int, mask: Ma
 
     With `checkpoint`, the state is saved there atomically every `checkpoint_seconds` (at evaluations)
     and when `stop` reports SIGINT/SIGTERM; training resumes from it when it exists and was saved under
-    the same `checkpoint_key` (the round hash)."""
+    the same `checkpoint_key` (the round hash).
+
+    A heavily pruned fully connected network trains through sparse kernels (lth.sparse; `sparse`:
+    auto | on | off): `net` is then its sparse training view, written back into `model` whenever the
+    weights are read (evaluation, snapshots, checkpoints, the end)."""
     device = next(model.parameters()).device
+    engine = "sparse" if use_sparse(model, mask, device, sparse) else "dense"
+    ck = load_checkpoint(checkpoint, checkpoint_key, device)
+    if ck is not None and ck.get("engine", "dense") != engine:
+        print(f"lth: ignoring checkpoint {checkpoint}: it was trained with {ck.get('engine', 'dense')} kernels, "
+              f"this run uses {engine} ones (runtime.sparse); starting the round over", file=sys.stderr, flush=True)
+        ck = None
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+    net = SparseMLP(model, mask).to(device) if engine == "sparse" else model
     params = dict(model.named_parameters())
-    masked = [(params[n], m.to(device, params[n].dtype)) for n, m in (mask or {}).items() if not bool(m.all())]
+    masked = [] if engine == "sparse" else [
+        (params[n], m.to(device, params[n].dtype)) for n, m in (mask or {}).items() if not bool(m.all())]
     masked_params, masked_values = [p for p, _ in masked], [m for _, m in masked]
-    optimizer = make_optimizer(model, hp)
+    optimizer = make_optimizer(net, hp)
+
+    def sync() -> None:  # the sparse view's weights into the dense model
+        if net is not model:
+            net.write_to(model)
     stochastic = _has_randomness(model)
     train_x, train_y = data.train.x, data.train.y
     n, b = len(train_y), hp.batch_size
@@ -189,9 +208,7 @@ def train(model: nn.Module, data: Data, hp: TrainingHparams, seed: int, mask: Ma
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
 
-    ck = load_checkpoint(checkpoint, checkpoint_key, device)
     if ck is not None:
-        model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         iteration, curve, seconds = ck["iteration"], ck["curve"], ck["seconds"]
         best = {"val_loss": ck["best_val_loss"], "iteration": ck["best_iteration"], "state": ck["best_state"]}
@@ -202,6 +219,7 @@ def train(model: nn.Module, data: Data, hp: TrainingHparams, seed: int, mask: Ma
     def record(it: int) -> None:
         nonlocal loss_sum, loss_count
         t0 = time.perf_counter()
+        sync()
         val_loss, val_acc = evaluate(model, data.val)
         row = {"iteration": it, "train_loss": float(loss_sum) / loss_count if loss_count else math.nan,
                "val_loss": val_loss, "val_accuracy": val_acc, "test_accuracy": math.nan}
@@ -217,7 +235,8 @@ def train(model: nn.Module, data: Data, hp: TrainingHparams, seed: int, mask: Ma
             progress(it, row)
 
     def save_checkpoint() -> None:
-        save_atomic({"format": CHECKPOINT_FORMAT, "key": checkpoint_key, "model": model.state_dict(),
+        sync()
+        save_atomic({"format": CHECKPOINT_FORMAT, "key": checkpoint_key, "engine": engine, "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "iteration": iteration, "curve": curve,
                      "seconds": seconds, "best_val_loss": best["val_loss"], "best_iteration": best["iteration"],
                      "best_state": best["state"], "rewind_state": rewind_state,
@@ -229,6 +248,7 @@ def train(model: nn.Module, data: Data, hp: TrainingHparams, seed: int, mask: Ma
         record(iteration)
 
     model.train()
+    net.train()
     current_lr = None
     last_checkpoint = t_loop = time.perf_counter()
     eval_before_loop = seconds["eval"]
@@ -255,7 +275,7 @@ def train(model: nn.Module, data: Data, hp: TrainingHparams, seed: int, mask: Ma
             x = augment_batch(x, gen.manual_seed(seed * 1_000_003 + iteration))
         if stochastic:
             torch.manual_seed(seed * 1_000_003 + iteration)
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if masked:
@@ -265,6 +285,7 @@ def train(model: nn.Module, data: Data, hp: TrainingHparams, seed: int, mask: Ma
         loss_count += 1
         iteration += 1
         if rewind_iteration == iteration:
+            sync()
             rewind_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if iteration % hp.eval_every == 0 or iteration == hp.iterations:
             record(iteration)
@@ -273,6 +294,7 @@ def train(model: nn.Module, data: Data, hp: TrainingHparams, seed: int, mask: Ma
                 last_checkpoint = time.perf_counter()
 
     seconds["train"] += time.perf_counter() - t_loop - (seconds["eval"] - eval_before_loop)
+    sync()
     final_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     final_test = curve[-1]["test_accuracy"]
     model.load_state_dict(best["state"])

@@ -1,0 +1,125 @@
+"""Sparse kernels for pruned fully connected layers: the same gradients as the dense masked layer, the same
+training up to rounding, exact resume, and the choice of kernels made only from the mask and the setting."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lth import hparams
+from lth.models.conv import conv2
+from lth.sparse import SparseLinear, use_sparse
+from lth.training import StopRequest, train
+
+from .conftest import needs_mnist
+from .test_training import HP, data, one_thread, pruned_network  # noqa: F401 - fixtures
+
+CPU = torch.device("cpu")
+
+
+def test_sparse_linear_matches_the_masked_dense_layer() -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(30, 20)
+    mask = torch.rand(20, 30) < 0.2
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    sparse = SparseLinear(dense, mask)
+    x = torch.randn(8, 30, requires_grad=True)
+    xs = x.detach().clone().requires_grad_(True)
+    y, ys = dense(x), sparse(xs)
+    assert torch.allclose(y, ys, atol=1e-6)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ys.backward(g)
+    assert torch.allclose(x.grad, xs.grad, atol=1e-6)
+    assert torch.allclose(dense.bias.grad, sparse.bias.grad, atol=1e-6)
+    assert torch.allclose(dense.weight.grad[mask], sparse.values.grad, atol=1e-6)
+    copy = nn.Linear(30, 20)
+    sparse.write_to(copy)
+    assert torch.equal(copy.weight, dense.weight) and torch.equal(copy.bias, dense.bias)
+
+
+def test_kernels_are_chosen_from_the_mask_and_the_setting() -> None:
+    model = nn.Module()
+    for percent, expected in ((50.0, False), (20.0, False), (5.0, True)):
+        lenet, mask = pruned_network(percent)
+        model = lenet
+        assert use_sparse(lenet, mask, CPU) is expected, percent
+        assert use_sparse(lenet, mask, CPU, "on") and not use_sparse(lenet, mask, CPU, "off")
+        assert not use_sparse(lenet, mask, torch.device("cuda"))
+        assert not use_sparse(lenet, None, CPU, "on")
+    conv = conv2()
+    conv_mask = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in conv.named_parameters() if n.endswith("weight")}
+    assert not use_sparse(conv, conv_mask, CPU, "on")
+    with pytest.raises(ValueError, match="runtime.sparse='fast'"):
+        use_sparse(model, mask, CPU, "fast")
+
+
+def test_runtime_setting_is_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lth import runtime
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LTH_SPARSE", raising=False)
+    assert runtime.sparse_setting() == "auto"
+    (tmp_path / "params.yaml").write_text("runtime:\n  sparse: off\n")  # YAML reads a bare off as false
+    assert runtime.sparse_setting() == "off"
+    (tmp_path / "params.yaml").write_text("runtime:\n  sparse: 'on'\n")
+    assert runtime.sparse_setting() == "on"
+    (tmp_path / "params.yaml").write_text("runtime:\n  sparse: fast\n")
+    with pytest.raises(hparams.HparamsError, match="runtime.sparse: expected auto, on or off, got 'fast'"):
+        hparams.load(tmp_path / "params.yaml")
+    monkeypatch.setenv("LTH_SPARSE", "always")
+    with pytest.raises(SystemExit, match="LTH_SPARSE='always'.*auto, on, off"):
+        runtime.sparse_setting()
+
+
+def short(iterations: int = 300) -> object:
+    return dataclasses.replace(HP.training, iterations=iterations, eval_every=100, test_every=100)
+
+
+@needs_mnist
+def test_sparse_training_equals_dense_up_to_rounding(data) -> None:  # noqa: ANN001, F811
+    results = {}
+    for setting in ("off", "on"):
+        model, mask = pruned_network(5.0)
+        results[setting] = train(model, data, short(), seed=0, mask=mask, sparse=setting)
+    dense, sparse = results["off"], results["on"]
+    for name, m in mask.items():
+        assert int((sparse.state[name][~m] != 0).sum()) == 0, f"pruned weights of {name} moved"
+        assert torch.allclose(dense.state[name], sparse.state[name], atol=1e-4), name
+    start, _ = pruned_network(5.0)
+    assert not torch.equal(sparse.state["layers.0.weight"], start.state_dict()["layers.0.weight"])
+    assert sparse.metrics["early_stop_iteration"] == dense.metrics["early_stop_iteration"]
+    assert sparse.metrics["test_accuracy_at_early_stop"] == pytest.approx(
+        dense.metrics["test_accuracy_at_early_stop"], abs=2e-3)
+    # Same setting, same bits.
+    model, mask = pruned_network(5.0)
+    again = train(model, data, short(), seed=0, mask=mask, sparse="on")
+    assert all(torch.equal(again.state[k], sparse.state[k]) for k in sparse.state)
+
+
+@needs_mnist
+def test_sparse_training_resumes_bit_identical(data, tmp_path: Path) -> None:  # noqa: ANN001, F811
+    model, mask = pruned_network(5.0)
+    whole = train(model, data, short(), seed=0, mask=mask, sparse="on")
+    ckpt = tmp_path / "ckpt.pt"
+    stop = StopRequest()
+
+    def stop_at_200(iteration: int, row: dict) -> None:
+        if iteration == 200:
+            stop.signum = signal.SIGTERM
+
+    model, mask = pruned_network(5.0)
+    with pytest.raises(SystemExit):
+        train(model, data, short(), seed=0, mask=mask, sparse="on", checkpoint=ckpt, checkpoint_key="k",
+              stop=stop, progress=stop_at_200)
+    assert torch.load(ckpt, weights_only=True)["iteration"] == 200
+    model, mask = pruned_network(5.0)
+    resumed = train(model, data, short(), seed=0, mask=mask, sparse="on", checkpoint=ckpt, checkpoint_key="k")
+    assert all(torch.equal(resumed.state[k], whole.state[k]) for k in whole.state)
+    assert resumed.metrics == whole.metrics
