@@ -11,22 +11,18 @@ Part 2 times evaluate() on the validation set at several batch sizes, interleave
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
 import torch
-from common import header, interleave, median, mnist, pruned_lenet
+from common import arg_parser, header, interleave, median, mnist, pruned_lenet
 
 from lth.hparams import Hparams
 from lth.training import evaluate, train
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iterations", type=int, default=2000)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = arg_parser(__doc__, iterations=2000, repeats=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     header(f"evaluation cost, LeNet-300-100, {args.threads} thread(s)")

@@ -12,14 +12,13 @@ The ratio is aggregate iterations/s in parallel over sequential (2.0 is perfect 
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import header, median
+from common import arg_parser, header, median
 
 HERE = Path(__file__).resolve().parent
 CHILD = """
@@ -58,10 +57,7 @@ def go(procs: list[subprocess.Popen]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iterations", type=int, default=2000)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = arg_parser(__doc__, iterations=2000, repeats=3)
     args = ap.parse_args()
     header(f"2 runs in parallel vs sequential, {args.threads} thread(s) each, {args.iterations} iterations each")
     cores = os.cpu_count() or 1

@@ -14,11 +14,10 @@ the loop's own timer). The weights after --check iterations are compared (max ab
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import torch
-from common import header, interleave, median, mnist, pruned_lenet
+from common import arg_parser, header, interleave, median, mnist, pruned_lenet
 
 from lth.hparams import Hparams
 from lth.sparse import SPARSE_BELOW
@@ -28,10 +27,7 @@ PERCENTS = (100.0, 50.0, 20.0, 10.0, 5.0, 1.2)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iterations", type=int, default=300)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = arg_parser(__doc__, iterations=300, repeats=3)
     ap.add_argument("--check", type=int, default=50, help="iterations of the equivalence check")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -9,12 +9,11 @@ Interleaved repeats, medians. On a shared machine the 2-thread figures suffer mo
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
 import torch
-from common import header, interleave, median, mnist, pruned_lenet
+from common import arg_parser, header, interleave, median, mnist, pruned_lenet
 
 from lth.hparams import Hparams, from_dict
 from lth.imp import init_model
@@ -39,9 +38,7 @@ def conv_loop(threads: int, iterations: int, model_name: str = "conv2") -> float
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iterations", type=int, default=300)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap = arg_parser(__doc__, iterations=300, repeats=5, threads=False)
     args = ap.parse_args()
     header("threads per process")
     hp = Hparams()

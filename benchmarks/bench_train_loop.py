@@ -12,21 +12,17 @@ The theoretical limit is the FLOP count of one iteration at the measured matmul 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import torch
-from common import LENET_FLOP, bare_loop, header, interleave, matmul_peak, median, mnist, pruned_lenet
+from common import LENET_FLOP, arg_parser, bare_loop, header, interleave, matmul_peak, median, mnist, pruned_lenet
 
 from lth.hparams import Hparams
 from lth.training import train
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iterations", type=int, default=1000)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = arg_parser(__doc__, iterations=1000, repeats=5)
     ap.add_argument("--percent", type=float, default=50.0, help="percent of weights remaining in lth's run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

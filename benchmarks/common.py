@@ -7,6 +7,7 @@ and ratios rather than trusting absolute numbers.
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
@@ -95,6 +96,16 @@ def interleave(variants: dict[str, Callable[[], float]], repeats: int) -> dict[s
         for name in names if r % 2 == 0 else reversed(names):
             results[name].append(variants[name]())
     return results
+
+
+def arg_parser(doc: str, iterations: int, repeats: int, threads: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --iterations, --repeats and (when `threads`) --threads."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iterations", type=int, default=iterations)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    if threads:
+        ap.add_argument("--threads", type=int, default=1)
+    return ap
 
 
 def median(xs: list[float]) -> float:

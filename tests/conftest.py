@@ -25,6 +25,18 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> None:
+    """In-process training runs on one thread: on a shared 2-core machine, two threads fighting for the
+    cores are several times slower, and bit-identity checks need a fixed thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def have_mnist() -> bool:
     root = Path(os.environ.get("LTH_DATA_DIR", "data/raw"))
     return (root / "MNIST" / "raw" / "train-images-idx3-ubyte").exists() or (
@@ -43,6 +55,15 @@ def set_params(path: Path, values: dict) -> None:
             d = d.setdefault(p, {})
         d[last] = value
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def preset_params(name: str, **changes: object) -> dict:
+    """The hyperparameters of presets/NAME.yaml as dotted keys (its runtime section left out), with
+    `changes` (dotted keys, passed as a dict: preset_params("xor", **{"trials": 2}))."""
+    from lth.hparams import flatten
+
+    doc = yaml.safe_load((ROOT / "presets" / f"{name}.yaml").read_text())
+    return {**flatten({k: v for k, v in doc.items() if k != "runtime"}), **changes}
 
 
 class Project:

@@ -20,13 +20,6 @@ PER_BATCH = 120  # images per file (the real files hold 10,000)
 FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def batch(seed: int, n: int = PER_BATCH) -> dict:
     """A batch in the real layout. The red channel encodes the label (25 * label), so a network can
@@ -164,20 +157,16 @@ def test_resnet20_rewind_preset_pipeline(tmp_path: Path, monkeypatch: pytest.Mon
     global pruning of the convs only, late resetting, BatchNorm and augmentation through the real stages."""
     import json
 
-    import yaml
-
-    from lth.hparams import flatten
-    from tests.conftest import ROOT, make_project
+    from tests.conftest import make_project, preset_params
 
     write_cifar(tmp_path / "raw")
     monkeypatch.setenv("LTH_DATA_DIR", str(tmp_path / "raw"))
     monkeypatch.setenv("LTH_ALLOW_UNVERIFIED_DATA", "1")
-    preset = yaml.safe_load((ROOT / "presets" / "resnet20_rewind.yaml").read_text())
-    params = flatten({k: v for k, v in preset.items() if k != "runtime"})
-    params.update({"dataset.validation_size": 100, "training.batch_size": 20, "training.iterations": 20,
-                   "training.lr_milestones": [15], "training.eval_every": 10, "training.test_every": 10,
-                   "pruning.rewind_iteration": 5, "pruning.rounds": 1, "controls.random_reinit": True,
-                   "controls.random_pruning": True, "runtime.threads": 1})
+    params = preset_params("resnet20_rewind", **{
+        "dataset.validation_size": 100, "training.batch_size": 20, "training.iterations": 20,
+        "training.lr_milestones": [15], "training.eval_every": 10, "training.test_every": 10,
+        "pruning.rewind_iteration": 5, "pruning.rounds": 1, "controls.random_reinit": True,
+        "controls.random_pruning": True, "runtime.threads": 1})
     proj = make_project(tmp_path / "project", params)
     proj.dvc("repro")
     metrics = json.loads((proj.root / "results" / "metrics.json").read_text())

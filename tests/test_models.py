@@ -38,14 +38,6 @@ EXPECTED = {"lenet_300_100": LENET, "conv2": CONV2, "conv4": CONV4, "conv6": CON
 CIFAR_MODELS = ["conv2", "conv4", "conv6", "resnet20", "vgg16", "vgg19"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a shared 2-core machine one thread is several times faster than two fighting for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make(name: str, dropout: float = 0.0) -> PrunableModel:
     hp = from_dict({"model": {"name": name, "dropout": dropout}, "dataset": {"name": MODELS[name][1]}})

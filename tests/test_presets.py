@@ -18,7 +18,7 @@ from lth import hparams, pipeline, presets
 from lth.cli import main
 from lth.hparams import flatten
 from lth.registry import MODELS
-from tests.conftest import ROOT, make_project
+from tests.conftest import ROOT, make_project, preset_params
 
 PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
 NAMES = [p.stem for p in PRESETS]
@@ -161,10 +161,9 @@ def test_preset_list(repo: Path) -> None:
 
 def test_xor_end_to_end_with_controls_and_trials(tmp_path: Path) -> None:
     """`dvc repro` of the xor preset, shortened, with both controls and two trials."""
-    params = flatten({k: v for k, v in doc(ROOT / "presets" / "xor.yaml").items() if k != "runtime"})
-    params.update({"training.iterations": 200, "training.eval_every": 50, "training.test_every": 50,
-                   "pruning.rounds": 1, "trials": 2, "controls.random_reinit": True,
-                   "controls.random_pruning": True, "runtime.threads": 1})
+    params = preset_params("xor", **{
+        "training.iterations": 200, "training.eval_every": 50, "training.test_every": 50, "pruning.rounds": 1,
+        "trials": 2, "controls.random_reinit": True, "controls.random_pruning": True, "runtime.threads": 1})
     proj = make_project(tmp_path / "project", params)
     proj.dvc("repro")
     metrics = json.loads((proj.root / "results" / "metrics.json").read_text())

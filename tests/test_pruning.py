@@ -17,13 +17,6 @@ from lth.registry import build_model
 LENET = {"layers.0.weight": 784 * 300, "layers.1.weight": 300 * 100, "layers.2.weight": 100 * 10}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def model(name: str = "lenet_300_100", seed: int = 0) -> PrunableModel:
     dataset = {"lenet_300_100": "mnist", "xor": "xor"}.get(name, "cifar10")

@@ -9,12 +9,10 @@ import yaml
 
 from lth import hparams, pipeline, schedule
 
-from .conftest import ROOT, make_project
+from .conftest import make_project, preset_params
 
-XOR = {**{k: v for k, v in hparams.flatten(yaml.safe_load((ROOT / "presets" / "xor.yaml").read_text())).items()
-          if not k.startswith("runtime.")},
-       "training.iterations": 200, "training.eval_every": 50, "training.test_every": 50, "pruning.rounds": 2,
-       "controls.random_reinit": True}
+XOR = preset_params("xor", **{"training.iterations": 200, "training.eval_every": 50, "training.test_every": 50,
+                              "pruning.rounds": 2, "controls.random_reinit": True})
 
 
 def test_stage_graph_follows_the_rendered_pipeline(tmp_path: Path) -> None:

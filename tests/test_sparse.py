@@ -17,7 +17,7 @@ from lth.sparse import SparseLinear, use_sparse
 from lth.training import StopRequest, train
 
 from .conftest import needs_mnist
-from .test_training import HP, data, one_thread, pruned_network  # noqa: F401 - fixtures
+from .test_training import HP, data, pruned_network  # noqa: F401 - the data fixture
 
 CPU = torch.device("cpu")
 

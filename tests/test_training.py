@@ -27,14 +27,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
     return load_prepared(path, HP.dataset)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    # Keeps the test cheap on a shared machine; bit-identity is checked at a fixed thread count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def pruned_network(percent: float = 50.0, seed: int = 0) -> tuple[torch.nn.Module, pruning.Mask]:
     """LeNet magnitude-pruned at initialization to `percent` remaining in every layer."""
