@@ -118,6 +118,13 @@ def test_second_repro_is_a_no_op(proj: Project, first_run: str) -> None:
     assert trained_stages(out) == []
 
 
+def test_verify_reproduces_the_last_round(proj: Project, first_run: str) -> None:
+    """`lth verify` re-trains round 2 in its own process, whose default thread count differs from the
+    stage's (one thread for LeNet): it must train the same way and find the same bits."""
+    out = proj.lth("verify")
+    assert "PASS" in out.stdout, out.stdout + out.stderr
+
+
 def test_adding_rounds_keeps_earlier_ones(proj: Project, first_run: str) -> None:
     proj.set_params({"pruning.rounds": 3})
     # dvc.yaml is stale until re-rendered: the evaluate stage says so

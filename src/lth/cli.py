@@ -63,15 +63,18 @@ def run_cmd(params_path: str, jobs: int, dvc_args: tuple[str, ...]) -> None:
         raise click.UsageError(f"extra dvc repro arguments ({' '.join(dvc_args)}) work with one job only: "
                                "drop them or pass -j 1")
     jobs = jobs or (1 if dvc_args else schedule.auto_jobs(hp.model.name))
+    graph = schedule.stage_graph()
+    todo: list[str] = []
+    if jobs > 1:
+        try:
+            todo = schedule.stale_stages(graph)
+        except RuntimeError as e:
+            raise click.ClickException(str(e)) from None
+        jobs = min(jobs, schedule.width(graph, todo))  # a chain runs as plain dvc repro, with live bars
     env = schedule.child_env(jobs, hp.model.name)
-    if jobs == 1:
+    if jobs <= 1:
         click.echo(f"lth: experiment {hp.short_name} ({hp.pruning.rounds} rounds); running dvc repro", err=True)
         sys.exit(subprocess.call([*schedule.DVC, "repro", *dvc_args], env=env))
-    graph = schedule.stage_graph()
-    try:
-        todo = schedule.stale_stages(graph, env)
-    except RuntimeError as e:
-        raise click.ClickException(str(e)) from None
     click.echo(f"lth: experiment {hp.short_name} ({hp.pruning.rounds} rounds); {len(todo)} of {len(graph)} "
                f"stages to run, up to {jobs} at a time", err=True)
     sys.exit(schedule.repro(graph, todo, jobs, env))

@@ -61,6 +61,18 @@ _HINTS = ("To track the changes with git", "git add ", "To enable auto staging",
           "Use `dvc push` to send")
 
 
+def width(graph: dict[str, set[str]], todo: list[str]) -> int:
+    """How many of `todo` could run at once, by levels: a stage's level is one more than its deepest
+    upstream stage in `todo` (1 for a chain, 2 for a ticket chain with one control)."""
+    level: dict[str, int] = {}
+    for stage in todo:  # dvc.yaml order is a topological order
+        level[stage] = 1 + max((level[d] for d in graph[stage] if d in level), default=0)
+    counts: dict[int, int] = {}
+    for lv in level.values():
+        counts[lv] = counts.get(lv, 0) + 1
+    return max(counts.values(), default=0)
+
+
 def _relay(stream, prefix: str, lock: threading.Lock) -> None:  # noqa: ANN001
     """Copy a stage's output line by line, each line prefixed with the stage's name."""
     for line in stream:

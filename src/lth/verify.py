@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lth import pruning
+from lth import pruning, runtime
 from lth.data import load_prepared, prepared_path
 from lth.hparams import Hparams
 from lth.imp import load_mask, load_tensors, run_trial, trial_dir
@@ -59,6 +59,8 @@ def verify(hp: Hparams, round_index: int, kind: str, trial: int, runs: Path, dat
     label = f"{kind} round {round_index} trial {trial}"
     echo(f"lth verify: re-running {label} from its recorded inputs in a temporary directory")
     data = load_prepared(prepared_path(data_dir, hp.dataset), hp.dataset).to(device)
+    # The thread count the round's stage used (its trials shared the cores): threads change the last bits.
+    torch.set_num_threads(runtime.threads(hp.model.name, runtime.workers(hp.trials, device)))
     with tempfile.TemporaryDirectory(prefix="lth-verify-") as tmp:
         tmp_runs = Path(tmp) / "runs"
         _link_inputs(runs, tmp_runs, recorded)
