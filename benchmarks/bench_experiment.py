@@ -92,9 +92,9 @@ def main() -> None:
                     ("everything else (start-up, DVC, data, MLflow, idle cores)", other)):
         print(f"{name:<58}{s:9.0f} s {100 * s / core:6.1f}%")
     print(f"evaluation / (training + evaluation): {100 * evaluate / (train + evaluate):.1f}%")
+    iterations = runs["params.training.iterations"].astype(int).sum()
     print(f"per network: training {train / len(runs):.1f} s, evaluation {evaluate / len(runs):.1f} s; "
-          f"training speed {50000 * len(runs) / train:.0f} it/s per process"
-          if "training.iterations" not in " ".join(sets) else "")
+          f"training speed {iterations / train:.0f} it/s per process")
 
 
 if __name__ == "__main__":

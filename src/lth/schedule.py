@@ -94,13 +94,14 @@ def repro(graph: dict[str, set[str]], todo: list[str], jobs: int, env: dict[str,
     relays: list[threading.Thread] = []
     lock = threading.Lock()
     failed: tuple[str, int] | None = None
-    started = time.perf_counter()
+    started: dict[str, float] = {}
     try:
         while running or (pending and failed is None):
             ready = [s for s in pending if graph[s] <= done]
             while failed is None and ready and len(running) < jobs:
                 stage = ready.pop(0)
                 pending.remove(stage)
+                started[stage] = time.perf_counter()
                 running[stage] = subprocess.Popen(
                     [*DVC, "--wait-for-lock", "repro", "--single-item", stage], env=env, text=True,
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -116,7 +117,7 @@ def repro(graph: dict[str, set[str]], todo: list[str], jobs: int, env: dict[str,
                 del running[stage]
                 if proc.returncode == 0:
                     done.add(stage)
-                    say(f"lth: finished {stage} [{time.perf_counter() - started:.0f} s]")
+                    say(f"lth: finished {stage} in {time.perf_counter() - started[stage]:.0f} s")
                 elif failed is None:
                     failed = (stage, proc.returncode)
                     say(f"lth: {stage} failed (exit code {proc.returncode}); its output is above. "
