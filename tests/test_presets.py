@@ -140,11 +140,16 @@ def test_preset_command_selects_and_protects_local_work(repo: Path) -> None:
     assert doc(repo / "params.yaml") == doc(repo / "presets" / "lenet.yaml")
     assert edited in [b.read_text() for b in (repo / ".lth" / "params-backup").glob("*.yaml")]
 
-    # Uncommitted results (dvc.lock) are refused too; the same preset again is a no-op.
+    # A preset's uncommitted results (dvc.lock) are in DVC's run-cache: switching says how to get them back.
     (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
     result = runner.invoke(main, ["preset", "conv2"])
-    assert result.exit_code != 0 and "dvc.lock" in result.output
-    assert runner.invoke(main, ["preset", "lenet"]).exit_code == 0
+    assert result.exit_code == 0 and "restore them without retraining" in result.output
+    assert runner.invoke(main, ["preset", "conv2"]).output.startswith("preset 'conv2' is already selected")
+
+    # Uncommitted results of params that are no preset are refused.
+    (repo / "params.yaml").write_text(committed)  # back to the committed params, which are no preset
+    result = runner.invoke(main, ["preset", "lenet"])
+    assert result.exit_code != 0 and "uncommitted changes in dvc.lock" in result.output
 
     result = runner.invoke(main, ["preset", "nope"])
     assert result.exit_code != 0 and "unknown preset 'nope'" in result.output and "xor" in result.output

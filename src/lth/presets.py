@@ -96,21 +96,24 @@ def select(name: str, params_path: Path = Path("params.yaml"), dvc_yaml: Path = 
            force: bool = False) -> str:
     """Copy preset `name` to params.yaml and render dvc.yaml; returns what was done.
 
-    Refuses (without `force`) when params.yaml holds uncommitted edits that are no preset, or dvc.lock
-    holds uncommitted results: neither may vanish silently. The replaced params.yaml is kept in
-    .lth/params-backup/ unless it is a preset; computed outputs stay in the DVC cache and in MLflow."""
+    Refuses (without `force`) when params.yaml holds uncommitted edits that are no preset, or when it is no
+    preset and dvc.lock holds uncommitted results: neither may vanish silently. The replaced params.yaml
+    is kept in .lth/params-backup/ unless it is a preset. Computed outputs stay in the DVC cache, its
+    run-cache and MLflow, so the results of a preset come back without retraining when it is selected
+    again and run."""
     source = path_of(name)
     hp = hparams.load(source)  # validate before touching anything
     text = source.read_text()
     if params_path.exists() and params_path.read_text() == text:
         pipeline.write(hp, dvc_yaml)
         return f"preset '{name}' is already selected; {dvc_yaml} is up to date."
-    backup = None
+    backup, is_preset = None, False
     if params_path.exists():
         current = params_path.read_text()
         is_preset = any(current == p.read_text() for p in available().values())
-        checked = ([] if is_preset else [params_path]) + [dvc_yaml.with_name("dvc.lock")]
-        dirty = _uncommitted(checked)
+        # A preset's results are recoverable from DVC's run-cache by selecting it again; other params
+        # and their dvc.lock are the user's own work.
+        dirty = [] if is_preset else _uncommitted([params_path, dvc_yaml.with_name("dvc.lock")])
         if dirty and not force:
             raise PresetError(
                 f"uncommitted changes in {', '.join(dirty)}: switching to preset '{name}' would replace them. "
@@ -124,5 +127,8 @@ def select(name: str, params_path: Path = Path("params.yaml"), dvc_yaml: Path = 
     shutil.copy(source, params_path)
     pipeline.write(hp, dvc_yaml)
     saved = f" (previous params saved as {backup})" if backup else ""
+    if is_preset and _uncommitted([dvc_yaml.with_name("dvc.lock")]):
+        saved += (" (results computed so far stay in DVC's run-cache: selecting their preset again and "
+                  "`lth run` restore them without retraining)")
     return (f"params.yaml is now preset '{name}'{saved} and {dvc_yaml} is rendered: {description(source)}\n"
             f"Run it with `lth run` (estimated CPU time {format_duration(estimate_cpu_seconds(hp))}).")
