@@ -87,3 +87,16 @@ def test_progress_lines_say_which_round_of_how_many(capsys: pytest.CaptureFixtur
     with RoundProgress("ticket round 3 trial 1", 10, round_index=3, rounds=20) as bar:
         bar.update(10, {"val_loss": 0.25, "val_accuracy": 0.9})
     assert "ticket round 3 of 20 trial 1: iteration 10/10" in capsys.readouterr().err
+
+
+def test_time_left_extrapolates_from_training_not_set_up(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    now = [100.0]
+    monkeypatch.setattr("lth.progress.time.perf_counter", lambda: now[0])
+    with RoundProgress("ticket round 1", 1000) as bar:
+        now[0] = 110.0  # 10 s of set-up before the first evaluation
+        bar.update(0, {"val_loss": 1.0, "val_accuracy": 0.1})
+        now[0] = 112.0  # then 100 iterations in 2 s: 900 left take 18 s
+        bar.update(100, {"val_loss": 0.5, "val_accuracy": 0.8})
+    assert "iteration 100/1000, val loss 0.5000, val accuracy 0.8000, 12 s elapsed, ~18 s left" in (
+        capsys.readouterr().err)

@@ -37,7 +37,8 @@ class RoundProgress:
 
     def update(self, iteration: int, row: dict[str, float]) -> None:
         if self.first_iteration is None:
-            self.first_iteration = iteration
+            # Time left is extrapolated from the iterations trained here, not from set-up time.
+            self.first_iteration, self.first_time = iteration, time.perf_counter()
         if self.bar is not None:
             self.bar.n = iteration
             self.bar.set_postfix(val_loss=f"{row['val_loss']:.4f}", val_acc=f"{row['val_accuracy']:.4f}",
@@ -51,7 +52,7 @@ class RoundProgress:
         now = time.perf_counter()
         if iteration == self.total or (now - self.last_line > 30 and done > 0):
             elapsed = now - self.start
-            left = elapsed / done * (todo - done) if done else math.nan
+            left = (now - self.first_time) / done * (todo - done) if done else math.nan
             print(f"lth: {self.label}: iteration {iteration}/{self.total}, val loss {row['val_loss']:.4f}, "
                   f"val accuracy {row['val_accuracy']:.4f}, {elapsed:.0f} s elapsed, ~{left:.0f} s left",
                   file=sys.stderr, flush=True)
