@@ -107,13 +107,13 @@ def select(name: str, params_path: Path = Path("params.yaml"), dvc_yaml: Path = 
     if params_path.exists() and params_path.read_text() == text:
         pipeline.write(hp, dvc_yaml)
         return f"preset '{name}' is already selected; {dvc_yaml} is up to date."
-    backup, is_preset = None, False
+    backup, is_preset, lock = None, False, dvc_yaml.with_name("dvc.lock")
     if params_path.exists():
         current = params_path.read_text()
         is_preset = any(current == p.read_text() for p in available().values())
         # A preset's results are recoverable from DVC's run-cache by selecting it again; other params
         # and their dvc.lock are the user's own work.
-        dirty = [] if is_preset else _uncommitted([params_path, dvc_yaml.with_name("dvc.lock")])
+        dirty = [] if is_preset else _uncommitted([params_path, lock])
         if dirty and not force:
             raise PresetError(
                 f"uncommitted changes in {', '.join(dirty)}: switching to preset '{name}' would replace them. "
@@ -127,7 +127,7 @@ def select(name: str, params_path: Path = Path("params.yaml"), dvc_yaml: Path = 
     shutil.copy(source, params_path)
     pipeline.write(hp, dvc_yaml)
     saved = f" (previous params saved as {backup})" if backup else ""
-    if is_preset and _uncommitted([dvc_yaml.with_name("dvc.lock")]):
+    if is_preset and _uncommitted([lock]):
         saved += (" (results computed so far stay in DVC's run-cache: selecting their preset again and "
                   "`lth run` restore them without retraining)")
     return (f"params.yaml is now preset '{name}'{saved} and {dvc_yaml} is rendered: {description(source)}\n"
