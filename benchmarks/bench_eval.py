@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import torch
 from common import arg_parser, header, interleave, median, mnist, pruned_lenet
 
-from lth.hparams import Hparams
-from lth.training import evaluate, train
+from lth.core.hparams import Hparams
+from lth.core.training import evaluate, train
 
 
 def main() -> None:
@@ -29,8 +30,10 @@ def main() -> None:
     hp = Hparams()
     data = mnist(hp)
     thp = dataclasses.replace(hp.training, iterations=args.iterations)
-    print(f"part 1: {args.iterations} iterations, eval_every={thp.eval_every} (5K validation), "
-          f"test_every={thp.test_every} (10K test)")
+    print(
+        f"part 1: {args.iterations} iterations, eval_every={thp.eval_every} (5K validation), "
+        f"test_every={thp.test_every} (10K test)"
+    )
     shares = []
     for r in range(args.repeats):
         model, mask = pruned_lenet(hp, 50)
@@ -42,13 +45,14 @@ def main() -> None:
     print("part 2: evaluate() on the 5K validation set by batch size (ms, median)")
     model, _ = pruned_lenet(hp, 50)
     sizes = (500, 1000, 2000, 5000)
-    timed = interleave({bs: (lambda bs=bs: _time(lambda: evaluate(model, data.val, bs))) for bs in sizes},
-                       args.repeats * 3)
+    timed = interleave(
+        {bs: (lambda bs=bs: _time(lambda: evaluate(model, data.val, bs))) for bs in sizes}, args.repeats * 3
+    )
     for bs in sizes:
         print(f"  batch {bs:>5}: {1000 * median(timed[bs]):6.1f} ms")
 
 
-def _time(fn) -> float:  # noqa: ANN001
+def _time(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0

@@ -37,11 +37,15 @@ def main() -> None:
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="lth-bench-experiment-"))
     project = work / "project"
-    env = {**os.environ, "PYTHONPATH": str(project / "src"), "CI": "1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(project / "src"),
+        "CI": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
 
-    def run(*cmd: str, **kw) -> subprocess.CompletedProcess:  # noqa: ANN003
+    def run(*cmd: str, **kw: object) -> subprocess.CompletedProcess:
         return subprocess.run(list(cmd), cwd=project, env=env, check=True, text=True, **kw)
 
     subprocess.run(["git", "clone", "-q", str(ROOT), str(project)], check=True)
@@ -51,7 +55,7 @@ def main() -> None:
     if sets:
         import yaml
 
-        from lth.hparams import parse_override
+        from lth.core.hparams import parse_override
 
         doc = yaml.safe_load((project / "params.yaml").read_text())
         for key, value in map(parse_override, sets):
@@ -61,11 +65,19 @@ def main() -> None:
                 section = section.setdefault(p, {})
             section[last] = value
         (project / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    print(f"# whole experiment: preset {args.preset} {' '.join(sets)}, lth run -j {args.jobs or 'auto'}, in {project}",
-          flush=True)
+    print(
+        f"# whole experiment: preset {args.preset} {' '.join(sets)}, lth run -j {args.jobs or 'auto'}, in {project}",
+        flush=True,
+    )
     t0 = time.perf_counter()
-    proc = subprocess.Popen([*lth, "run", "-j", str(args.jobs)], cwd=project, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [*lth, "run", "-j", str(args.jobs)],
+        cwd=project,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     log = []
     for line in proc.stdout:
         log.append((time.perf_counter() - t0, line.rstrip()))
@@ -75,8 +87,11 @@ def main() -> None:
     if proc.wait() != 0:
         print("\n".join(line for _, line in log[-40:]))
         raise SystemExit(f"lth run failed ({proc.returncode})")
-    jobs = max(int(m) for _, line in log for m in re.findall(r"up to (\d+) at a time", line)) if any(
-        "at a time" in line for _, line in log) else 1
+    jobs = (
+        max(int(m) for _, line in log for m in re.findall(r"up to (\d+) at a time", line))
+        if any("at a time" in line for _, line in log)
+        else 1
+    )
 
     import mlflow
 
@@ -87,14 +102,18 @@ def main() -> None:
     other = core - train - evaluate
     print(f"\nwall time: {wall:.0f} s = {wall / 60:.1f} min ({len(runs)} trained networks, {jobs} job(s) at a time)")
     print(f"{'core-time (wall x jobs)':<58}{core:9.0f} s {'':>7}")
-    for name, s in (("training (loop timers, all networks)", train),
-                    ("evaluation (val every 100, test every 1000 + best snapshot)", evaluate),
-                    ("everything else (start-up, DVC, data, MLflow, idle cores)", other)):
+    for name, s in (
+        ("training (loop timers, all networks)", train),
+        ("evaluation (val every 100, test every 1000 + best snapshot)", evaluate),
+        ("everything else (start-up, DVC, data, MLflow, idle cores)", other),
+    ):
         print(f"{name:<58}{s:9.0f} s {100 * s / core:6.1f}%")
     print(f"evaluation / (training + evaluation): {100 * evaluate / (train + evaluate):.1f}%")
     iterations = runs["params.training.iterations"].astype(int).sum()
-    print(f"per network: training {train / len(runs):.1f} s, evaluation {evaluate / len(runs):.1f} s; "
-          f"training speed {iterations / train:.0f} it/s per process")
+    print(
+        f"per network: training {train / len(runs):.1f} s, evaluation {evaluate / len(runs):.1f} s; "
+        f"training speed {iterations / train:.0f} it/s per process"
+    )
 
 
 if __name__ == "__main__":

@@ -32,9 +32,10 @@ import time, sys
 t0 = time.perf_counter()
 import torch
 t1 = time.perf_counter()
-from lth import hparams, runtime
-from lth.imp import run_round
-from lth.data import load_prepared, prepared_path
+from lth.core import hparams
+from lth.pipeline import settings as runtime
+from lth.lottery.round import run_round
+from lth.core.data import load_prepared, prepared_path
 t2 = time.perf_counter()
 mlflow_imported = "mlflow" in sys.modules
 hp = hparams.Hparams()
@@ -42,11 +43,11 @@ data = load_prepared(prepared_path({cache!r}, hp.dataset), hp.dataset)
 t3 = time.perf_counter()
 import os
 os.environ["MLFLOW_TRACKING_URI"] = "sqlite:///" + {db!r}
-from lth.tracking import Tracker
+from lth.tracking.store import Tracker
 Tracker().experiment_id(hp)
 t4 = time.perf_counter()
-from lth.registry import build_model
-from lth.training import make_optimizer
+from lth.core.registry import build_model
+from lth.core.training import make_optimizer
 model = build_model(hp)
 model(data.train.x[:60]).sum().backward()
 make_optimizer(model, hp.training).step()  # torch.optim imports torch._dynamo on the first step
@@ -59,8 +60,9 @@ def noop_repro(rounds: int, repeats: int) -> None:
     from tests.conftest import make_project
 
     with tempfile.TemporaryDirectory() as tmp:
-        project = make_project(Path(tmp) / "p", {"pruning.rounds": rounds, "controls.random_reinit": True,
-                                                 "controls.random_pruning": True})
+        project = make_project(
+            Path(tmp) / "p", {"pruning.rounds": rounds, "controls.random_reinit": True, "controls.random_pruning": True}
+        )
         root = project.root
         (root / "data" / "prepared").mkdir(parents=True)
         (root / "data" / "prepared" / "mnist.pt").write_bytes(os.urandom(47_000_000))
@@ -85,8 +87,10 @@ def noop_repro(rounds: int, repeats: int) -> None:
             out = project.dvc("repro")
             times.append(time.perf_counter() - t0)
             assert "Running stage" not in out.stdout, f"dvc repro ran a stage:\n{out.stdout}"
-        print(f"  no-op dvc repro: {median(times):.2f} s (median of {repeats}: {[round(t, 2) for t in times]}); "
-              "target < 3 s")
+        print(
+            f"  no-op dvc repro: {median(times):.2f} s (median of {repeats}: {[round(t, 2) for t in times]}); "
+            "target < 3 s"
+        )
         t0 = time.perf_counter()
         project.dvc("repro", "ticket_round_01")
         print(f"  no-op dvc repro ticket_round_01 (one target): {time.perf_counter() - t0:.2f} s")
@@ -125,8 +129,14 @@ def stage_startup(repeats: int) -> None:
             rows.append((_python_start(), *map(float, seconds)))
             if mlflow_imported == "True":
                 print("  WARNING: importing the stage's lth modules imported mlflow")
-    names = ("python start (python -c pass)", "import torch", "lth stage imports (no mlflow)",
-             "load prepared MNIST", "open MLflow sqlite store", "first optimizer step (torch._dynamo)")
+    names = (
+        "python start (python -c pass)",
+        "import torch",
+        "lth stage imports (no mlflow)",
+        "load prepared MNIST",
+        "open MLflow sqlite store",
+        "first optimizer step (torch._dynamo)",
+    )
     for i, name in enumerate(names):
         print(f"  {name:<38}{median([r[i] for r in rows]):6.2f}")
     print(f"  {'total before training':<38}{sum(median([r[i] for r in rows]) for i in range(len(names))):6.2f}")

@@ -25,8 +25,8 @@ CHILD = """
 import dataclasses, sys, torch
 sys.path.insert(0, {here!r})
 from common import mnist, pruned_lenet
-from lth.hparams import Hparams
-from lth.training import train
+from lth.core.hparams import Hparams
+from lth.core.training import train
 torch.set_num_threads({threads})
 hp = Hparams(); data = mnist(hp)
 thp = dataclasses.replace(hp.training, iterations={iterations}, eval_every={iterations}, test_every={iterations})
@@ -71,12 +71,17 @@ def main() -> None:
                 threads = args.threads if mode == "seq" else cores
                 seconds = sum(go([start(args.iterations, threads)]) for _ in range(2))
                 (seq if mode == "seq" else seq_all).append(2 * args.iterations / seconds)
-        print(f"  repeat {r}: sequential {seq[-1]:.0f} it/s, sequential {cores} threads {seq_all[-1]:.0f} it/s, "
-              f"parallel {par[-1]:.0f} it/s", flush=True)
+        print(
+            f"  repeat {r}: sequential {seq[-1]:.0f} it/s, sequential {cores} threads {seq_all[-1]:.0f} it/s, "
+            f"parallel {par[-1]:.0f} it/s",
+            flush=True,
+        )
     s, a, p = median(seq), median(seq_all), median(par)
     print(f"aggregate it/s (medians): sequential {s:.0f}, sequential with {cores} threads {a:.0f}, parallel {p:.0f}")
-    print(f"parallel / sequential = {p / s:.2f}x; parallel / sequential-{cores}-threads = {p / a:.2f}x "
-          f"(process start-up and data loading excluded)")
+    print(
+        f"parallel / sequential = {p / s:.2f}x; parallel / sequential-{cores}-threads = {p / a:.2f}x "
+        f"(process start-up and data loading excluded)"
+    )
 
 
 if __name__ == "__main__":

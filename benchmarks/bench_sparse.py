@@ -19,9 +19,9 @@ import dataclasses
 import torch
 from common import arg_parser, header, interleave, median, mnist, pruned_lenet
 
-from lth.hparams import Hparams
-from lth.sparse import SPARSE_BELOW
-from lth.training import train
+from lth.core.hparams import Hparams
+from lth.core.sparse import SPARSE_BELOW
+from lth.core.training import train
 
 PERCENTS = (100.0, 50.0, 20.0, 10.0, 5.0, 1.2)
 

@@ -15,9 +15,9 @@ import time
 import torch
 from common import arg_parser, header, interleave, median, mnist, pruned_lenet
 
-from lth.hparams import Hparams, from_dict
-from lth.imp import init_model
-from lth.training import loss_fn, train
+from lth.core.hparams import Hparams, from_dict
+from lth.core.training import loss_fn, train
+from lth.lottery.round import init_model
 
 
 def conv_loop(threads: int, iterations: int, model_name: str = "conv2") -> float:
@@ -30,7 +30,7 @@ def conv_loop(threads: int, iterations: int, model_name: str = "conv2") -> float
     t0 = time.perf_counter()
     for it in range(iterations):
         s = (it % 10) * 60
-        loss = loss_fn(model(x[s:s + 60]), y[s:s + 60])
+        loss = loss_fn(model(x[s : s + 60]), y[s : s + 60])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -43,8 +43,9 @@ def main() -> None:
     header("threads per process")
     hp = Hparams()
     data = mnist(hp)
-    thp = dataclasses.replace(hp.training, iterations=args.iterations, eval_every=args.iterations,
-                              test_every=args.iterations)
+    thp = dataclasses.replace(
+        hp.training, iterations=args.iterations, eval_every=args.iterations, test_every=args.iterations
+    )
 
     def lenet(threads: int) -> float:
         torch.set_num_threads(threads)
@@ -52,13 +53,21 @@ def main() -> None:
         return args.iterations / train(model, data, thp, seed=0, mask=mask).seconds["train"]
 
     conv_iters = max(10, args.iterations // 10)
-    res = interleave({"lenet 1": lambda: lenet(1), "lenet 2": lambda: lenet(2),
-                      "conv2 1": lambda: conv_loop(1, conv_iters), "conv2 2": lambda: conv_loop(2, conv_iters)},
-                     args.repeats)
+    res = interleave(
+        {
+            "lenet 1": lambda: lenet(1),
+            "lenet 2": lambda: lenet(2),
+            "conv2 1": lambda: conv_loop(1, conv_iters),
+            "conv2 2": lambda: conv_loop(2, conv_iters),
+        },
+        args.repeats,
+    )
     for workload in ("lenet", "conv2"):
         one, two = median(res[f"{workload} 1"]), median(res[f"{workload} 2"])
-        print(f"{workload:<6} 1 thread {one:7.1f} it/s   2 threads {two:7.1f} it/s   2/1 = {two / one:.2f}x   "
-              f"(repeats 1: {[round(v) for v in res[f'{workload} 1']]}, 2: {[round(v) for v in res[f'{workload} 2']]})")
+        print(
+            f"{workload:<6} 1 thread {one:7.1f} it/s   2 threads {two:7.1f} it/s   2/1 = {two / one:.2f}x   "
+            f"(repeats 1: {[round(v) for v in res[f'{workload} 1']]}, 2: {[round(v) for v in res[f'{workload} 2']]})"
+        )
 
     states = {}
     for threads in (1, 2):

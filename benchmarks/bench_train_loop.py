@@ -17,8 +17,8 @@ import dataclasses
 import torch
 from common import LENET_FLOP, arg_parser, bare_loop, header, interleave, matmul_peak, median, mnist, pruned_lenet
 
-from lth.hparams import Hparams
-from lth.training import train
+from lth.core.hparams import Hparams
+from lth.core.training import train
 
 
 def main() -> None:
@@ -29,8 +29,9 @@ def main() -> None:
     header(f"training loop, LeNet-300-100, batch 60, {args.threads} thread(s), {args.iterations} iterations")
     hp = Hparams()
     data = mnist(hp)
-    thp = dataclasses.replace(hp.training, iterations=args.iterations, eval_every=args.iterations,
-                              test_every=args.iterations)
+    thp = dataclasses.replace(
+        hp.training, iterations=args.iterations, eval_every=args.iterations, test_every=args.iterations
+    )
 
     def lth_loop() -> float:
         model, mask = pruned_lenet(hp, args.percent)
@@ -41,18 +42,30 @@ def main() -> None:
         model, _ = pruned_lenet(hp, 100)
         return bare_loop(model, data, hp.training, args.iterations, fused=fused)
 
-    res = interleave({"lth": lth_loop, "bare": lambda: bare(False), "bare+fused": lambda: bare(True),
-                      "peak": lambda: matmul_peak(args.threads)}, args.repeats)
+    res = interleave(
+        {
+            "lth": lth_loop,
+            "bare": lambda: bare(False),
+            "bare+fused": lambda: bare(True),
+            "peak": lambda: matmul_peak(args.threads),
+        },
+        args.repeats,
+    )
     peak = median(res["peak"])
     limit = peak * 1e9 / (LENET_FLOP * hp.training.batch_size)
     lth, b, bf = median(res["lth"]), median(res["bare"]), median(res["bare+fused"])
     print(f"{'variant':<34}{'it/s':>8}{'ms/it':>8}   repeats (it/s)")
-    for name, label in (("lth", f"lth.training.train ({args.percent:g}% mask)"), ("bare", "bare loop (Adam)"),
-                        ("bare+fused", "bare loop (Adam fused)")):
+    for name, label in (
+        ("lth", f"lth.training.train ({args.percent:g}% mask)"),
+        ("bare", "bare loop (Adam)"),
+        ("bare+fused", "bare loop (Adam fused)"),
+    ):
         v = median(res[name])
         print(f"{label:<34}{v:8.0f}{1000 / v:8.2f}   {[round(x) for x in res[name]]}")
-    print(f"{'FLOP limit at matmul peak':<34}{limit:8.0f}{1000 / limit:8.2f}   "
-          f"({LENET_FLOP * hp.training.batch_size / 1e6:.1f} MFLOP/it at {peak:.0f} GFLOP/s)")
+    print(
+        f"{'FLOP limit at matmul peak':<34}{limit:8.0f}{1000 / limit:8.2f}   "
+        f"({LENET_FLOP * hp.training.batch_size / 1e6:.1f} MFLOP/it at {peak:.0f} GFLOP/s)"
+    )
     print(f"ratio lth / bare loop (Adam):        {lth / b:.2f}x")
     print(f"ratio lth / bare loop (Adam fused):  {lth / bf:.2f}x  (the cost of masking gradients)")
     print(f"lth at {100 * lth / limit:.0f}% of the FLOP limit; bare loop at {100 * b / limit:.0f}%")

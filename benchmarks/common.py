@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from lth import pruning
-from lth.data import Data, load_prepared, prepare, prepared_path
-from lth.hparams import Hparams, TrainingHparams
-from lth.imp import init_model
-from lth.models.base import PrunableModel
-from lth.training import loss_fn
+from lth.core import pruning
+from lth.core.data import Data, load_prepared, prepare, prepared_path
+from lth.core.hparams import Hparams, TrainingHparams
+from lth.core.models.base import PrunableModel
+from lth.core.training import loss_fn
+from lth.lottery.round import init_model
 
 CACHE = Path(os.environ.get("LTH_BENCH_CACHE", Path.home() / ".cache" / "lth-bench"))
 # Multiply-adds x 2 per example: forward, weight gradients, and input gradients of layers 2 and 3 (the
@@ -66,8 +66,9 @@ def pruned_lenet(hp: Hparams, percent: float, seed: int = 0) -> tuple[PrunableMo
     return model, mask
 
 
-def bare_loop(model: torch.nn.Module, data: Data, hp: TrainingHparams, iterations: int, seed: int = 0,
-              fused: bool = False) -> float:
+def bare_loop(
+    model: torch.nn.Module, data: Data, hp: TrainingHparams, iterations: int, seed: int = 0, fused: bool = False
+) -> float:
     """The plainest PyTorch loop for the same model, batch size and Adam (PyTorch's default Adam, or the
     fused one that lth uses), no masks, no evaluation; returns iterations/s."""
     x_all, y_all = data.train.x, data.train.y
@@ -79,7 +80,7 @@ def bare_loop(model: torch.nn.Module, data: Data, hp: TrainingHparams, iteration
     t0 = time.perf_counter()
     for it in range(iterations):
         step = it % steps
-        idx = order[step * b:(step + 1) * b]
+        idx = order[step * b : (step + 1) * b]
         loss = loss_fn(model(x_all[idx]), y_all[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -119,6 +120,11 @@ def set_threads(n: int) -> None:
 def header(title: str, repeated: bool = True) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# {title}")
-    print(f"# torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.2f} at start"
-          + ("; figures are medians of interleaved repeats, ratios are within this run" if repeated else
-             "; a single run on a shared machine: expect +-20%"))
+    print(
+        f"# torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.2f} at start"
+        + (
+            "; figures are medians of interleaved repeats, ratios are within this run"
+            if repeated
+            else "; a single run on a shared machine: expect +-20%"
+        )
+    )

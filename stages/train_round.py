@@ -1,18 +1,26 @@
-"""DVC stage: train every trial of one round (the ticket of IMP round k, or one of its controls)."""
+"""DVC stage: train every trial of one round (the ticket of IMP round k, or one of its controls), write
+their outputs, then log them to MLflow."""
 
 import argparse
 from pathlib import Path
 
-from lth import hparams, runtime
-from lth.imp import KINDS, run_round
-from lth.pipeline import DATA_DIR, RUNS_DIR
+from lth.lottery.layout import KINDS, trial_dir
+from lth.lottery.round import run_round
+from lth.pipeline import render, stage
+from lth.pipeline.workspace import DATA_DIR, RUNS_DIR
+from lth.tracking.writer import log_finished
 
-if __name__ == "__main__":
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--round", type=int, required=True, help="round index (0 = dense)")
     parser.add_argument("--kind", choices=KINDS, default="ticket")
     args = parser.parse_args()
-    hp = hparams.load_or_exit()
-    rt = runtime.configure()
-    run_round(hp, args.round, args.kind, Path(RUNS_DIR), Path(DATA_DIR), device=rt["device"], quiet=rt["quiet"],
-              checkpoint_seconds=rt["checkpoint_seconds"])
+    ctx = stage.load()
+    render.check_stage(ctx.hp, args.kind, args.round)
+    metrics = run_round(ctx.hp, args.round, args.kind, Path(RUNS_DIR), Path(DATA_DIR), ctx.settings)
+    log_finished(ctx.hp, [trial_dir(Path(RUNS_DIR), args.kind, args.round, m["trial"]) for m in metrics])
+
+
+if __name__ == "__main__":
+    stage.run(main)

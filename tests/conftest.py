@@ -40,7 +40,8 @@ def one_thread() -> None:
 def have_mnist() -> bool:
     root = Path(os.environ.get("LTH_DATA_DIR", "data/raw"))
     return (root / "MNIST" / "raw" / "train-images-idx3-ubyte").exists() or (
-        root / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists()
+        root / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    ).exists()
 
 
 needs_mnist = pytest.mark.skipif(not have_mnist(), reason="no MNIST copy (set LTH_DATA_DIR)")
@@ -60,7 +61,7 @@ def set_params(path: Path, values: dict) -> None:
 def preset_params(name: str, **changes: object) -> dict:
     """The hyperparameters of presets/NAME.yaml as dotted keys (its runtime section left out), with
     `changes` (dotted keys, passed as a dict: preset_params("xor", **{"trials": 2}))."""
-    from lth.hparams import flatten
+    from lth.core.hparams import flatten
 
     doc = yaml.safe_load((ROOT / "presets" / f"{name}.yaml").read_text())
     return {**flatten({k: v for k, v in doc.items() if k != "runtime"}), **changes}
@@ -72,18 +73,23 @@ class Project:
     def __init__(self, root: Path):
         self.root = root
         self.env = dict(os.environ)
-        self.env.update({
-            "PYTHONPATH": str(root / "src"),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}",
-            "GIT_AUTHOR_NAME": "lth-test", "GIT_AUTHOR_EMAIL": "test@example.com",
-            "GIT_COMMITTER_NAME": "lth-test", "GIT_COMMITTER_EMAIL": "test@example.com",
-            "CI": "true",
-        })
+        self.env.update(
+            {
+                "PYTHONPATH": str(root / "src"),
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}",
+                "GIT_AUTHOR_NAME": "lth-test",
+                "GIT_AUTHOR_EMAIL": "test@example.com",
+                "GIT_COMMITTER_NAME": "lth-test",
+                "GIT_COMMITTER_EMAIL": "test@example.com",
+                "CI": "true",
+            }
+        )
         self.env.pop("MLFLOW_TRACKING_URI", None)
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(cmd), cwd=self.root, env=self.env, capture_output=True, text=True,
-                              timeout=timeout, **kw)
+        proc = subprocess.run(
+            list(cmd), cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout, **kw
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from lth.data import CIFAR_DIR, DataError, load_prepared, prepare
-from lth.hparams import DatasetHparams, TrainingHparams, from_dict
-from lth.registry import build_model
-from lth.training import train
+from lth.core.data import CIFAR_DIR, DataError, load_prepared, prepare
+from lth.core.hparams import DatasetHparams, TrainingHparams, from_dict
+from lth.core.registry import build_model
+from lth.core.training import train
 
 PER_BATCH = 120  # images per file (the real files hold 10,000)
 FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-
 
 
 def batch(seed: int, n: int = PER_BATCH) -> dict:
@@ -28,8 +27,12 @@ def batch(seed: int, n: int = PER_BATCH) -> dict:
     labels = [int(v) for v in rng.integers(0, 10, n)]
     data = rng.integers(0, 256, (n, 3, 1024), dtype=np.uint8)
     data[:, 0, :] = (25 * np.asarray(labels, dtype=np.uint8))[:, None]
-    return {b"batch_label": f"batch {seed}".encode(), b"labels": labels, b"data": data.reshape(n, 3072),
-            b"filenames": [f"img_{seed}_{i}.png".encode() for i in range(n)]}
+    return {
+        b"batch_label": f"batch {seed}".encode(),
+        b"labels": labels,
+        b"data": data.reshape(n, 3072),
+        b"filenames": [f"img_{seed}_{i}.png".encode() for i in range(n)],
+    }
 
 
 def write_cifar(root: Path) -> Path:
@@ -70,8 +73,9 @@ def test_prepare_and_load(cifar_root: Path, tmp_path: Path) -> None:
     assert torch.allclose(data.train.x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)  # normalized per channel
 
 
-def test_md5_mismatch_is_rejected_without_the_variable(cifar_root: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_md5_mismatch_is_rejected_without_the_variable(
+    cifar_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("LTH_ALLOW_UNVERIFIED_DATA")
     with pytest.raises(DataError) as e:
         prepare(HP, tmp_path / "p.pt", cifar_root)
@@ -128,8 +132,9 @@ def test_conv2_trains_on_cifar(cifar_root: Path, tmp_path: Path) -> None:
     hp = from_dict({"dataset": {"name": "cifar10"}, "model": {"name": "conv2"}})
     model = build_model(hp)
     model.reset_parameters(torch.Generator().manual_seed(0))
-    result = train(model, data, TrainingHparams(lr=1e-3, batch_size=20, iterations=20, eval_every=10,
-                                                test_every=10), seed=0)
+    result = train(
+        model, data, TrainingHparams(lr=1e-3, batch_size=20, iterations=20, eval_every=10, test_every=10), seed=0
+    )
     assert [r["iteration"] for r in result.curve] == [0, 10, 20]
     assert result.curve[-1]["val_loss"] < result.curve[0]["val_loss"]
 
@@ -143,8 +148,9 @@ def test_resnet20_trains_with_augmentation(cifar_root: Path, tmp_path: Path) -> 
     hp = from_dict({"dataset": {"name": "cifar10", "augment": True}, "model": {"name": "resnet20"}})
     model = build_model(hp)
     model.reset_parameters(torch.Generator().manual_seed(0))
-    t = TrainingHparams(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=20, iterations=10, eval_every=10,
-                        test_every=10)
+    t = TrainingHparams(
+        optimizer="sgd", lr=0.05, momentum=0.9, batch_size=20, iterations=10, eval_every=10, test_every=10
+    )
     first = train(model, data, t, seed=0)
     model.reset_parameters(torch.Generator().manual_seed(0))
     again = train(model, data, t, seed=0)
@@ -162,18 +168,30 @@ def test_resnet20_rewind_preset_pipeline(tmp_path: Path, monkeypatch: pytest.Mon
     write_cifar(tmp_path / "raw")
     monkeypatch.setenv("LTH_DATA_DIR", str(tmp_path / "raw"))
     monkeypatch.setenv("LTH_ALLOW_UNVERIFIED_DATA", "1")
-    params = preset_params("resnet20_rewind", **{
-        "dataset.validation_size": 100, "training.batch_size": 20, "training.iterations": 20,
-        "training.lr_milestones": [15], "training.eval_every": 10, "training.test_every": 10,
-        "pruning.rewind_iteration": 5, "pruning.rounds": 1, "controls.random_reinit": True,
-        "controls.random_pruning": True, "runtime.threads": 1})
+    params = preset_params(
+        "resnet20_rewind",
+        **{
+            "dataset.validation_size": 100,
+            "training.batch_size": 20,
+            "training.iterations": 20,
+            "training.lr_milestones": [15],
+            "training.eval_every": 10,
+            "training.test_every": 10,
+            "pruning.rewind_iteration": 5,
+            "pruning.rounds": 1,
+            "controls.random_reinit": True,
+            "controls.random_pruning": True,
+            "runtime.threads": 1,
+        },
+    )
     proj = make_project(tmp_path / "project", params)
     proj.dvc("repro")
     metrics = json.loads((proj.root / "results" / "metrics.json").read_text())
     assert {"ticket", "reinit", "random_pruning"} <= set(metrics)
     conv_total, dense = 267_696, 2_560 + 640  # prunable convs; shortcuts and output stay dense
     kept = conv_total - 53_540 + dense  # ceil(20% of the convs) pruned globally
-    assert metrics["ticket"]["round_01"]["percent_remaining"] == pytest.approx(100 * kept / (conv_total + dense),
-                                                                               abs=1e-4)
+    assert metrics["ticket"]["round_01"]["percent_remaining"] == pytest.approx(
+        100 * kept / (conv_total + dense), abs=1e-4
+    )
     rewind = torch.load(proj.root / "runs" / "ticket" / "round_00" / "trial_0" / "rewind.pt", weights_only=True)
     assert "bn.running_mean" in rewind  # BatchNorm statistics are rewound too

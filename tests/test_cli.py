@@ -19,8 +19,14 @@ import torch
 
 from tests.conftest import Project, make_project, needs_mnist
 
-SMALL = {"pruning.rounds": 1, "training.iterations": 100, "training.eval_every": 50, "training.test_every": 50,
-         "trials": 2, "controls.random_reinit": True}
+SMALL = {
+    "pruning.rounds": 1,
+    "training.iterations": 100,
+    "training.eval_every": 50,
+    "training.test_every": 50,
+    "trials": 2,
+    "controls.random_reinit": True,
+}
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +70,10 @@ class Cells(HTMLParser):
 
 
 def metrics(p: Project, kind: str, round_index: int) -> list[dict]:
-    return [json.loads(f.read_text()) for f in sorted((p.root / "runs" / kind / f"round_{round_index:02d}")
-                                                       .glob("trial_*/metrics.json"))]
+    return [
+        json.loads(f.read_text())
+        for f in sorted((p.root / "runs" / kind / f"round_{round_index:02d}").glob("trial_*/metrics.json"))
+    ]
 
 
 @needs_mnist
@@ -126,9 +134,15 @@ def test_export_cli_loads_in_plain_pytorch(trained: Project) -> None:
 
 def test_ui_serves_the_project_store(project: Project) -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lth.cli", "ui", "--port", str(port)], cwd=project.root,
-                            env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lth.cli", "ui", "--port", str(port)],
+        cwd=project.root,
+        env=project.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline, body = time.time() + 120, None
         while time.time() < deadline and body is None:
@@ -150,6 +164,7 @@ def test_ui_serves_the_project_store(project: Project) -> None:
 
 @pytest.mark.parametrize("command", ["compare", "export", "ui", "report", "sweep"])
 def test_help(command: str) -> None:
-    out = subprocess.run([sys.executable, "-m", "lth.cli", command, "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "lth.cli", command, "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "Usage:" in out and len(out.splitlines()) > 6

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lth.data import DataError, load_prepared, prepare
-from lth.hparams import DatasetHparams
+from lth.core.data import DataError, load_prepared, prepare
+from lth.core.hparams import DatasetHparams
 from tests.conftest import needs_mnist
 
 

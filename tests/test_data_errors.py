@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lth import hparams, imp
-from lth.data import MNIST_SIZES, DataError, load_prepared, prepare
-from lth.hparams import DatasetHparams, Hparams
+from lth.core import hparams
+from lth.core.data import MNIST_SIZES, DataError, load_prepared, prepare
+from lth.core.hparams import DatasetHparams, Hparams
+from lth.lottery import round as imp
 from tests.conftest import ROOT, needs_mnist
 
 MNIST_RAW = Path(os.environ.get("LTH_DATA_DIR", "data/raw")) / "MNIST" / "raw"
@@ -85,14 +86,16 @@ def test_prepare_stage_fails_naming_the_file(tmp_path: Path) -> None:
         shutil.copytree(ROOT / d, work / d, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy(ROOT / "params.yaml", work / "params.yaml")
     env = {**os.environ, "PYTHONPATH": str(work / "src"), "LTH_DATA_DIR": str(root)}
-    proc = subprocess.run([sys.executable, "stages/prepare.py"], cwd=work, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "stages/prepare.py"], cwd=work, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode != 0
     assert f"{bad} is truncated or corrupt (100 bytes, expected {MNIST_SIZES[name]})" in proc.stderr
     assert not (work / "data").exists()
 
 
 # --------------------------------------------------------------------------------- prepared tensors
+
 
 def xor_prepared(tmp_path: Path) -> tuple[Path, DatasetHparams]:
     hp = DatasetHparams(name="xor", validation_size=1000)
@@ -161,11 +164,14 @@ def test_weights_of_the_wrong_shape(tmp_path: Path) -> None:
     assert str(path) in str(e.value) and "re-run that stage" in str(e.value)
 
 
-@pytest.mark.parametrize(("obj", "message"), [
-    (NotATensor(), "is corrupt or not a tensor file"),
-    ({"layers.0.weight": 1.0}, "is not a dict of tensors"),
-    ([torch.zeros(2)], "is not a dict of tensors"),
-])
+@pytest.mark.parametrize(
+    ("obj", "message"),
+    [
+        (NotATensor(), "is corrupt or not a tensor file"),
+        ({"layers.0.weight": 1.0}, "is not a dict of tensors"),
+        ([torch.zeros(2)], "is not a dict of tensors"),
+    ],
+)
 def test_non_tensor_files_are_refused(tmp_path: Path, obj: object, message: str) -> None:
     path = tmp_path / "mask.pt"
     torch.save(obj, path)
@@ -187,8 +193,15 @@ def test_train_stage_refuses_a_mask_of_another_network(tmp_path: Path) -> None:
     work = tmp_path / "work"
     for d in ("stages", "src"):
         shutil.copytree(ROOT / d, work / d, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (work / "params.yaml").write_text(yaml.safe_dump({"dataset": {"name": "xor", "validation_size": 1000},
-                                                      "model": {"name": "xor"}, "training": {"iterations": 100}}))
+    (work / "params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "dataset": {"name": "xor", "validation_size": 1000},
+                "model": {"name": "xor"},
+                "training": {"iterations": 100},
+            }
+        )
+    )
     prepare(DatasetHparams(name="xor", validation_size=1000), work / "data" / "prepared" / "xor.pt")
     round0 = imp.trial_dir(work / "runs", "ticket", 0, 0)
     round0.mkdir(parents=True)
@@ -197,9 +210,14 @@ def test_train_stage_refuses_a_mask_of_another_network(tmp_path: Path) -> None:
         torch.save(model.state_dict(), round0 / name)
     torch.save({n: torch.ones(7, 7, dtype=torch.bool) for n in model.layer_kinds()}, round0 / "mask.pt")
     env = {**os.environ, "PYTHONPATH": str(work / "src"), "LTH_CHECKPOINT_DIR": str(tmp_path / "ckpt")}
-    proc = subprocess.run([sys.executable, "stages/train_round.py", "--round", "1"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "stages/train_round.py", "--round", "1"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "runs/ticket/round_00/trial_0/mask.pt: mask '" in proc.stderr and "re-run its stage" in proc.stderr
     assert not (work / "runs" / "ticket" / "round_01").exists()
-

@@ -8,14 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from lth import export, hparams
-from lth.data import prepare, prepared_path
-from lth.imp import run_round
-from lth.registry import build_model
+from lth.core import hparams
+from lth.core.data import prepare, prepared_path
+from lth.core.registry import build_model
+from lth.lottery import export
+from lth.lottery.round import run_round
 
-XOR = {"dataset": {"name": "xor"}, "model": {"name": "xor", "hidden": 16},
-       "training": {"iterations": 60, "eval_every": 20, "test_every": 20, "batch_size": 32, "lr": 0.01},
-       "pruning": {"rounds": 2, "fc_rate": 0.5, "output_rate": 0.5, "rewind_iteration": 10}, "trials": 2}
+XOR = {
+    "dataset": {"name": "xor"},
+    "model": {"name": "xor", "hidden": 16},
+    "training": {"iterations": 60, "eval_every": 20, "test_every": 20, "batch_size": 32, "lr": 0.01},
+    "pruning": {"rounds": 2, "fc_rate": 0.5, "output_rate": 0.5, "rewind_iteration": 10},
+    "trials": 2,
+}
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lth import hparams, registry
-from lth.hparams import Hparams, HparamsError, from_dict
+from lth.core import hparams, registry
+from lth.core.hparams import Hparams, HparamsError, from_dict
 from tests.conftest import ROOT
 
 
@@ -34,9 +34,11 @@ def only(doc: dict) -> str:
 
 # ----------------------------------------------------------------------------------------- validation
 
+
 def test_unknown_names_list_the_valid_ones() -> None:
-    found = problems({"model": {"name": "lenet_301"}, "dataset": {"name": "mnistt"},
-                      "training": {"optimizer": "adamw"}})
+    found = problems(
+        {"model": {"name": "lenet_301"}, "dataset": {"name": "mnistt"}, "training": {"optimizer": "adamw"}}
+    )
     by_key = {p.split(":")[0]: p for p in found}
     assert set(by_key) == {"model.name", "dataset.name", "training.optimizer"}
     assert all(name in by_key["model.name"] for name in registry.MODELS)
@@ -72,18 +74,21 @@ def test_non_positive_counts(key: str, value: int) -> None:
     assert f"training.{key}: must be a positive integer, got {value}" in problems({"training": {key: value}})
 
 
-@pytest.mark.parametrize(("key", "value", "expected"), [
-    ("training.lr", "fast", "training.lr: expected a number, got 'fast'"),
-    ("training.iterations", 1.5, "training.iterations: expected an integer, got 1.5"),
-    ("training.batch_size", True, "training.batch_size: expected an integer, got True"),  # bool is not an int
-    ("training.lr", False, "training.lr: expected a number, got False"),
-    ("dataset.augment", "yes", "dataset.augment: expected true or false, got 'yes'"),
-    ("model.name", 5, "model.name: expected a string, got 5"),
-    ("training.lr_milestones", 1000, "training.lr_milestones: expected a list of int, got 1000"),
-    ("training.lr_milestones", [100, "x"], "training.lr_milestones[1]: expected an integer, got 'x'"),
-    ("pruning.exclude", "layers.0", "pruning.exclude: expected a list of str, got 'layers.0'"),
-    ("trials", None, "trials: expected an integer, got None"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("training.lr", "fast", "training.lr: expected a number, got 'fast'"),
+        ("training.iterations", 1.5, "training.iterations: expected an integer, got 1.5"),
+        ("training.batch_size", True, "training.batch_size: expected an integer, got True"),  # bool is not an int
+        ("training.lr", False, "training.lr: expected a number, got False"),
+        ("dataset.augment", "yes", "dataset.augment: expected true or false, got 'yes'"),
+        ("model.name", 5, "model.name: expected a string, got 5"),
+        ("training.lr_milestones", 1000, "training.lr_milestones: expected a list of int, got 1000"),
+        ("training.lr_milestones", [100, "x"], "training.lr_milestones[1]: expected an integer, got 'x'"),
+        ("pruning.exclude", "layers.0", "pruning.exclude: expected a list of str, got 'layers.0'"),
+        ("trials", None, "trials: expected an integer, got None"),
+    ],
+)
 def test_wrong_types(key: str, value: object, expected: str) -> None:
     doc: dict = {}
     hparams._set_dotted(doc, key, value)
@@ -106,14 +111,19 @@ def test_list_fields_are_checked_against_training_and_the_model() -> None:
     assert from_dict({"pruning": {"exclude": ["layers.2.weight"]}}).pruning.exclude == ["layers.2.weight"]
 
 
-@pytest.mark.parametrize(("doc", "expected"), [
-    ({"training": {"itterations": 5}}, "training.itterations: unknown key (did you mean 'training.iterations'?)"),
-    ({"pruning": {"fc_rte": 0.2}}, "pruning.fc_rate"),
-    ({"trainig": {"lr": 0.1}}, "trainig: unknown section (did you mean 'training'?)"),
-    ({"trial": 2}, "trial: unknown section (did you mean 'trials'?)"),
-    ({"runtime": {"checkpoint_second": 5}},
-     "runtime.checkpoint_second: unknown runtime setting (did you mean 'checkpoint_seconds'?)"),
-])
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        ({"training": {"itterations": 5}}, "training.itterations: unknown key (did you mean 'training.iterations'?)"),
+        ({"pruning": {"fc_rte": 0.2}}, "pruning.fc_rate"),
+        ({"trainig": {"lr": 0.1}}, "trainig: unknown section (did you mean 'training'?)"),
+        ({"trial": 2}, "trial: unknown section (did you mean 'trials'?)"),
+        (
+            {"runtime": {"checkpoint_second": 5}},
+            "runtime.checkpoint_second: unknown runtime setting (did you mean 'checkpoint_seconds'?)",
+        ),
+    ],
+)
 def test_misspelled_keys_get_a_suggestion(doc: dict, expected: str) -> None:
     assert expected in only(doc)
 
@@ -131,21 +141,37 @@ def test_section_shapes() -> None:
 
 def test_runtime_settings_are_validated() -> None:
     found = problems({"runtime": {"threads": True, "checkpoint_seconds": -1, "device": 3}})
-    assert found == ["runtime.threads: expected an integer, got True",
-                     "runtime.checkpoint_seconds: must be 0 or more, got -1.0",
-                     "runtime.device: expected a string, got 3"]
+    assert found == [
+        "runtime.threads: expected an integer, got True",
+        "runtime.checkpoint_seconds: must be 0 or more, got -1.0",
+        "runtime.device: expected a string, got 3",
+    ]
 
 
 def test_every_problem_is_reported_at_once_one_line_each() -> None:
-    found = problems({"training": {"lr": "x", "itterations": 5, "batch_size": True}, "model": {"nme": "a"},
-                      "foo": 1})
+    found = problems({"training": {"lr": "x", "itterations": 5, "batch_size": True}, "model": {"nme": "a"}, "foo": 1})
     assert len(found) == 5
-    assert {p.split(":")[0] for p in found} == {"training.lr", "training.itterations", "training.batch_size",
-                                                "model.nme", "foo"}
-    found = problems({"training": {"iterations": 0, "batch_size": -1, "optimizer": "rmsprop"}, "trials": 0,
-                      "pruning": {"fc_rate": 2}})
-    assert {p.split(":")[0] for p in found} == {"training.iterations", "training.batch_size", "training.optimizer",
-                                                 "trials", "pruning.fc_rate"}
+    assert {p.split(":")[0] for p in found} == {
+        "training.lr",
+        "training.itterations",
+        "training.batch_size",
+        "model.nme",
+        "foo",
+    }
+    found = problems(
+        {
+            "training": {"iterations": 0, "batch_size": -1, "optimizer": "rmsprop"},
+            "trials": 0,
+            "pruning": {"fc_rate": 2},
+        }
+    )
+    assert {p.split(":")[0] for p in found} == {
+        "training.iterations",
+        "training.batch_size",
+        "training.optimizer",
+        "trials",
+        "pruning.fc_rate",
+    }
 
 
 def write_params(tmp_path: Path, doc: dict | None = None) -> Path:
@@ -163,7 +189,8 @@ def test_overrides(tmp_path: Path) -> None:
     assert sorted(e.value.problems) == [
         "override 'training.lr' is not of the form key=value (e.g. training.lr=3e-4)",
         "training.iterations: expected an integer, got 'abc'",
-        "training.lrr: unknown key (did you mean 'training.lr'?)"]  # fc_rate's range is checked once types are right
+        "training.lrr: unknown key (did you mean 'training.lr'?)",
+    ]  # fc_rate's range is checked once types are right
     assert str(path) in str(e.value)
 
 
@@ -180,6 +207,7 @@ def test_params_file_problems(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- hash
+
 
 def test_same_params_same_hash(tmp_path: Path) -> None:
     a = hparams.load(write_params(tmp_path))
@@ -203,8 +231,15 @@ def changed_values() -> dict[str, object]:
             out[key] = value + 0.05
         elif isinstance(value, list):
             out[key] = {"training.lr_milestones": [100], "pruning.exclude": ["layers.0"]}[key]
-    out.update({"dataset.name": "xor", "model.name": "xor", "training.optimizer": "sgd",
-                "pruning.strategy": "global", "pruning.schedule": "oneshot"})
+    out.update(
+        {
+            "dataset.name": "xor",
+            "model.name": "xor",
+            "training.optimizer": "sgd",
+            "pruning.strategy": "global",
+            "pruning.schedule": "oneshot",
+        }
+    )
     assert set(out) == set(d)
     return out
 
@@ -253,14 +288,18 @@ def bad_project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return tmp_path, env
 
 
-@pytest.mark.parametrize("cmd", [
-    ["-m", "lth.cli", "run"],
-    ["-m", "lth.cli", "pipeline"],
-    ["stages/prepare.py"],
-    ["stages/train_round.py", "--round", "0"],
-])
-def test_commands_fail_with_the_problems_before_any_work(bad_project: tuple[Path, dict[str, str]],
-                                                          cmd: list[str]) -> None:
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ["-m", "lth.cli", "run"],
+        ["-m", "lth.cli", "pipeline"],
+        ["stages/prepare.py"],
+        ["stages/train_round.py", "--round", "0"],
+    ],
+)
+def test_commands_fail_with_the_problems_before_any_work(
+    bad_project: tuple[Path, dict[str, str]], cmd: list[str]
+) -> None:
     root, env = bad_project
     proc = subprocess.run([sys.executable, *cmd], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lth.hparams import from_dict
-from lth.models.base import PrunableModel
-from lth.registry import MODELS, build_model
+from lth.core.hparams import from_dict
+from lth.core.models.base import PrunableModel
+from lth.core.registry import MODELS, build_model
 
 
 def conv(c_in: int, c_out: int, k: int = 3) -> int:
@@ -19,24 +19,62 @@ def conv(c_in: int, c_out: int, k: int = 3) -> int:
 
 # Prunable weights (conv + linear, no biases/BatchNorm) by kind, from the architectures of Figure 2.
 CONV2 = {"conv": conv(3, 64) + conv(64, 64), "fc": 16 * 16 * 64 * 256 + 256 * 256, "output": 256 * 10}
-CONV4 = {"conv": conv(3, 64) + conv(64, 64) + conv(64, 128) + conv(128, 128),
-         "fc": 8 * 8 * 128 * 256 + 256 * 256, "output": 256 * 10}
-CONV6 = {"conv": CONV4["conv"] + conv(128, 256) + conv(256, 256), "fc": 4 * 4 * 256 * 256 + 256 * 256,
-         "output": 256 * 10}
-RESNET20 = {"conv": conv(3, 16) + 6 * conv(16, 16)  # stem, stage 1
-            + conv(16, 32) + 5 * conv(32, 32)  # stage 2
-            + conv(32, 64) + 5 * conv(64, 64),  # stage 3
-            "shortcut": conv(16, 32, 1) + conv(32, 64, 1), "output": 64 * 10}
-VGG16 = {"conv": conv(3, 64) + conv(64, 64) + conv(64, 128) + conv(128, 128) + conv(128, 256) + 2 * conv(256, 256)
-         + conv(256, 512) + 2 * conv(512, 512) + 3 * conv(512, 512), "output": 512 * 10}
-VGG19 = {"conv": conv(3, 64) + conv(64, 64) + conv(64, 128) + conv(128, 128) + conv(128, 256) + 3 * conv(256, 256)
-         + conv(256, 512) + 3 * conv(512, 512) + 4 * conv(512, 512), "output": 512 * 10}
+CONV4 = {
+    "conv": conv(3, 64) + conv(64, 64) + conv(64, 128) + conv(128, 128),
+    "fc": 8 * 8 * 128 * 256 + 256 * 256,
+    "output": 256 * 10,
+}
+CONV6 = {
+    "conv": CONV4["conv"] + conv(128, 256) + conv(256, 256),
+    "fc": 4 * 4 * 256 * 256 + 256 * 256,
+    "output": 256 * 10,
+}
+RESNET20 = {
+    "conv": conv(3, 16)
+    + 6 * conv(16, 16)  # stem, stage 1
+    + conv(16, 32)
+    + 5 * conv(32, 32)  # stage 2
+    + conv(32, 64)
+    + 5 * conv(64, 64),  # stage 3
+    "shortcut": conv(16, 32, 1) + conv(32, 64, 1),
+    "output": 64 * 10,
+}
+VGG16 = {
+    "conv": conv(3, 64)
+    + conv(64, 64)
+    + conv(64, 128)
+    + conv(128, 128)
+    + conv(128, 256)
+    + 2 * conv(256, 256)
+    + conv(256, 512)
+    + 2 * conv(512, 512)
+    + 3 * conv(512, 512),
+    "output": 512 * 10,
+}
+VGG19 = {
+    "conv": conv(3, 64)
+    + conv(64, 64)
+    + conv(64, 128)
+    + conv(128, 128)
+    + conv(128, 256)
+    + 3 * conv(256, 256)
+    + conv(256, 512)
+    + 3 * conv(512, 512)
+    + 4 * conv(512, 512),
+    "output": 512 * 10,
+}
 LENET = {"fc": 784 * 300 + 300 * 100, "output": 100 * 10}
 
-EXPECTED = {"lenet_300_100": LENET, "conv2": CONV2, "conv4": CONV4, "conv6": CONV6, "resnet20": RESNET20,
-            "vgg16": VGG16, "vgg19": VGG19}
+EXPECTED = {
+    "lenet_300_100": LENET,
+    "conv2": CONV2,
+    "conv4": CONV4,
+    "conv6": CONV6,
+    "resnet20": RESNET20,
+    "vgg16": VGG16,
+    "vgg19": VGG19,
+}
 CIFAR_MODELS = ["conv2", "conv4", "conv6", "resnet20", "vgg16", "vgg19"]
-
 
 
 def make(name: str, dropout: float = 0.0) -> PrunableModel:
@@ -128,8 +166,14 @@ def test_initialization_is_gaussian_glorot_and_seeded() -> None:
 
 
 # (optimizer, lr, batch size, steps): VGG on a CPU is heavy, so it gets a tiny batch.
-TRAIN = {"conv2": ("adam", 2e-4, 8, 6), "conv4": ("adam", 3e-4, 8, 6), "conv6": ("adam", 3e-4, 8, 6),
-         "resnet20": ("sgd", 0.05, 8, 6), "vgg16": ("sgd", 0.02, 4, 4), "vgg19": ("sgd", 0.02, 4, 4)}
+TRAIN = {
+    "conv2": ("adam", 2e-4, 8, 6),
+    "conv4": ("adam", 3e-4, 8, 6),
+    "conv6": ("adam", 3e-4, 8, 6),
+    "resnet20": ("sgd", 0.05, 8, 6),
+    "vgg16": ("sgd", 0.02, 4, 4),
+    "vgg19": ("sgd", 0.02, 4, 4),
+}
 
 
 @pytest.mark.parametrize("name", CIFAR_MODELS)
@@ -138,8 +182,11 @@ def test_a_few_steps_reduce_the_loss(name: str) -> None:
     torch.manual_seed(0)
     model = make(name).train()
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    opt = (torch.optim.Adam(model.parameters(), lr=lr) if opt_name == "adam"
-           else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
+    opt = (
+        torch.optim.Adam(model.parameters(), lr=lr)
+        if opt_name == "adam"
+        else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    )
     losses = []
     for _ in range(steps):
         loss = F.cross_entropy(model(x), y)

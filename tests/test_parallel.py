@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lth import hparams, runtime
-from lth.data import prepare, prepared_path
-from lth.imp import run_round, trial_dir
+from lth.core import hparams
+from lth.core.data import prepare, prepared_path
+from lth.lottery.round import run_round, trial_dir
+from lth.pipeline import settings as runtime
 
 from .conftest import needs_mnist
 
@@ -42,8 +43,9 @@ def test_two_workers_give_the_same_outputs_as_one(tmp_path: Path, data_dir: Path
     outputs = {}
     for workers in (1, 2):
         runs = tmp_path / f"runs_{workers}"
-        metrics = run_round(hp, 0, "ticket", runs, data_dir, device=torch.device("cpu"), track=False, quiet=True,
-                            workers=workers)
+        metrics = run_round(
+            hp, 0, "ticket", runs, data_dir, device=torch.device("cpu"), track=False, quiet=True, workers=workers
+        )
         assert [m["trial"] for m in metrics] == [0, 1]
         outputs[workers] = runs
     for trial in range(2):
@@ -63,7 +65,7 @@ def test_workers_log_every_trial_to_mlflow(tmp_path: Path, data_dir: Path, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     hp = hparams.from_dict({**TRIALS, "training": {**TRIALS["training"], "iterations": 100}})
     run_round(hp, 0, "ticket", tmp_path / "runs", data_dir, device=torch.device("cpu"), quiet=True, workers=2)
-    from lth.tracking import TAG_ROUND_HASH, Tracker
+    from lth.tracking.store import TAG_ROUND_HASH, Tracker
 
     runs = Tracker().find_runs(hp.hash)
     assert sorted(r.data.tags[TAG_ROUND_HASH] for r in runs) == sorted(hp.round_hash(0, t, "ticket") for t in (0, 1))
@@ -77,8 +79,9 @@ def test_workers_log_every_trial_to_mlflow(tmp_path: Path, data_dir: Path, monke
 def test_failing_worker_is_reported(tmp_path: Path, data_dir: Path) -> None:
     hp = hparams.from_dict(TRIALS)
     with pytest.raises(RuntimeError, match="trial worker .* failed"):  # round 1 without round 0's outputs
-        run_round(hp, 1, "ticket", tmp_path / "runs", data_dir, device=torch.device("cpu"), track=False,
-                  quiet=True, workers=2)
+        run_round(
+            hp, 1, "ticket", tmp_path / "runs", data_dir, device=torch.device("cpu"), track=False, quiet=True, workers=2
+        )
 
 
 def test_worker_and_thread_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -55,8 +55,7 @@ def first_run(proj: Project) -> str:
 
 
 def test_repro_runs_every_stage_in_order(proj: Project, first_run: str) -> None:
-    assert trained_stages(first_run) == ["prepare", "ticket_round_00", "ticket_round_01", "ticket_round_02",
-                                         "evaluate"]
+    assert trained_stages(first_run) == ["prepare", "ticket_round_00", "ticket_round_01", "ticket_round_02", "evaluate"]
     dag = proj.dvc("dag", "--md").stdout
     for stage in ("prepare", "ticket_round_00", "ticket_round_02", "evaluate"):
         assert stage in dag
@@ -91,7 +90,7 @@ def test_pruned_weights_stay_zero_and_rewind_to_init(proj: Project, first_run: s
 def test_mlflow_has_every_round(proj: Project, first_run: str) -> None:
     from mlflow.tracking import MlflowClient
 
-    from lth import hparams
+    from lth.core import hparams
 
     hp = hparams.load(proj.root / "params.yaml")
     client = MlflowClient(proj.tracking_uri)

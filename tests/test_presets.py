@@ -14,10 +14,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from lth import hparams, pipeline, presets
 from lth.cli import main
-from lth.hparams import flatten
-from lth.registry import MODELS
+from lth.core import hparams
+from lth.core.hparams import flatten
+from lth.core.registry import MODELS
+from lth.pipeline import presets
+from lth.pipeline import render as pipeline
 from tests.conftest import ROOT, make_project, preset_params
 
 PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
@@ -29,9 +31,24 @@ def doc(path: Path) -> dict:
 
 
 def test_the_paper_experiments_have_presets() -> None:
-    expected = {"lenet", "lenet_reinit", "lenet_oneshot", "xor", "conv2", "conv4", "conv6", "conv2_dropout",
-                "conv4_dropout", "conv6_dropout", "resnet20", "resnet20_warmup", "resnet20_rewind", "vgg16", "vgg19",
-                "vgg19_rewind"}
+    expected = {
+        "lenet",
+        "lenet_reinit",
+        "lenet_oneshot",
+        "xor",
+        "conv2",
+        "conv4",
+        "conv6",
+        "conv2_dropout",
+        "conv4_dropout",
+        "conv6_dropout",
+        "resnet20",
+        "resnet20_warmup",
+        "resnet20_rewind",
+        "vgg16",
+        "vgg19",
+        "vgg19_rewind",
+    }
     assert expected <= set(NAMES)
     assert {doc(p)["model"]["name"] for p in PRESETS} == set(MODELS)  # every network is reachable
 
@@ -54,28 +71,63 @@ def test_preset_is_complete_valid_and_renders(path: Path) -> None:
 
 # The paper's hyperparameters (Frankle & Carbin 2019, Figure 2 and appendices), as the brief tables them.
 PAPER = {
-    "lenet": {"training.optimizer": "adam", "training.lr": 1.2e-3, "training.iterations": 50000,
-              "training.batch_size": 60, "pruning.fc_rate": 0.2, "pruning.output_rate": 0.1},
-    "conv2": {"training.lr": 2e-4, "training.iterations": 20000, "training.batch_size": 60,
-              "pruning.conv_rate": 0.1, "pruning.fc_rate": 0.2, "pruning.output_rate": 0.1},
+    "lenet": {
+        "training.optimizer": "adam",
+        "training.lr": 1.2e-3,
+        "training.iterations": 50000,
+        "training.batch_size": 60,
+        "pruning.fc_rate": 0.2,
+        "pruning.output_rate": 0.1,
+    },
+    "conv2": {
+        "training.lr": 2e-4,
+        "training.iterations": 20000,
+        "training.batch_size": 60,
+        "pruning.conv_rate": 0.1,
+        "pruning.fc_rate": 0.2,
+        "pruning.output_rate": 0.1,
+    },
     "conv4": {"training.lr": 3e-4, "training.iterations": 25000, "pruning.conv_rate": 0.1},
     "conv6": {"training.lr": 3e-4, "training.iterations": 30000, "pruning.conv_rate": 0.15},
     "conv2_dropout": {"model.dropout": 0.5, "training.lr": 3e-4, "training.iterations": 60000},
     "conv4_dropout": {"model.dropout": 0.5, "training.lr": 2e-4, "training.iterations": 75000},
-    "conv6_dropout": {"model.dropout": 0.5, "training.lr": 2e-4, "training.iterations": 90000,
-                      "pruning.conv_rate": 0.15},
-    "resnet20": {"training.optimizer": "sgd", "training.momentum": 0.9, "training.lr": 0.1,
-                 "training.weight_decay": 1e-4, "training.lr_milestones": [20000, 25000],
-                 "training.iterations": 30000, "training.batch_size": 128, "training.warmup_iterations": 0,
-                 "pruning.strategy": "global", "pruning.conv_rate": 0.2, "pruning.fc_rate": 0.0,
-                 "pruning.output_rate": 0.0, "dataset.augment": True},
+    "conv6_dropout": {
+        "model.dropout": 0.5,
+        "training.lr": 2e-4,
+        "training.iterations": 90000,
+        "pruning.conv_rate": 0.15,
+    },
+    "resnet20": {
+        "training.optimizer": "sgd",
+        "training.momentum": 0.9,
+        "training.lr": 0.1,
+        "training.weight_decay": 1e-4,
+        "training.lr_milestones": [20000, 25000],
+        "training.iterations": 30000,
+        "training.batch_size": 128,
+        "training.warmup_iterations": 0,
+        "pruning.strategy": "global",
+        "pruning.conv_rate": 0.2,
+        "pruning.fc_rate": 0.0,
+        "pruning.output_rate": 0.0,
+        "dataset.augment": True,
+    },
     "resnet20_warmup": {"training.lr": 0.03, "training.warmup_iterations": 20000},
     "resnet20_rewind": {"training.lr": 0.1, "pruning.rewind_iteration": 500},
-    "vgg19": {"training.optimizer": "sgd", "training.momentum": 0.9, "training.lr": 0.1,
-              "training.weight_decay": 1e-4, "training.warmup_iterations": 10000, "training.iterations": 112000,
-              "training.batch_size": 64, "training.lr_milestones": [80 * (45000 // 64), 120 * (45000 // 64)],
-              "pruning.strategy": "global", "pruning.conv_rate": 0.2, "pruning.output_rate": 0.0,
-              "dataset.augment": True},
+    "vgg19": {
+        "training.optimizer": "sgd",
+        "training.momentum": 0.9,
+        "training.lr": 0.1,
+        "training.weight_decay": 1e-4,
+        "training.warmup_iterations": 10000,
+        "training.iterations": 112000,
+        "training.batch_size": 64,
+        "training.lr_milestones": [80 * (45000 // 64), 120 * (45000 // 64)],
+        "pruning.strategy": "global",
+        "pruning.conv_rate": 0.2,
+        "pruning.output_rate": 0.0,
+        "dataset.augment": True,
+    },
 }
 
 
@@ -98,8 +150,13 @@ def test_controls_preset_and_estimates() -> None:
 
 
 def git(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@e"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@e",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@e",
+    }
     return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
 
 
@@ -166,9 +223,19 @@ def test_preset_list(repo: Path) -> None:
 
 def test_xor_end_to_end_with_controls_and_trials(tmp_path: Path) -> None:
     """`dvc repro` of the xor preset, shortened, with both controls and two trials."""
-    params = preset_params("xor", **{
-        "training.iterations": 200, "training.eval_every": 50, "training.test_every": 50, "pruning.rounds": 1,
-        "trials": 2, "controls.random_reinit": True, "controls.random_pruning": True, "runtime.threads": 1})
+    params = preset_params(
+        "xor",
+        **{
+            "training.iterations": 200,
+            "training.eval_every": 50,
+            "training.test_every": 50,
+            "pruning.rounds": 1,
+            "trials": 2,
+            "controls.random_reinit": True,
+            "controls.random_pruning": True,
+            "runtime.threads": 1,
+        },
+    )
     proj = make_project(tmp_path / "project", params)
     proj.dvc("repro")
     metrics = json.loads((proj.root / "results" / "metrics.json").read_text())
@@ -183,8 +250,10 @@ def test_xor_end_to_end_with_controls_and_trials(tmp_path: Path) -> None:
             assert lo <= mean <= hi
     # The two trials start from different seeds: their results differ, so min < max.
     for kind, row in (("ticket", rows[0]), ("ticket", rows[1]), ("reinit", rows[1]), ("random_pruning", rows[1])):
-        assert any(float(row[f"{kind}_{m}_min"]) < float(row[f"{kind}_{m}_max"])
-                   for m in ("test_accuracy_at_early_stop", "test_accuracy_final")), (kind, row)
+        assert any(
+            float(row[f"{kind}_{m}_min"]) < float(row[f"{kind}_{m}_max"])
+            for m in ("test_accuracy_at_early_stop", "test_accuracy_final")
+        ), (kind, row)
     figures = sorted(p.name for p in (proj.root / "results" / "figures").glob("*.png"))
     assert {"accuracy.png", "early_stop.png"} <= set(figures)
     assert all((proj.root / "results" / "figures" / f).stat().st_size > 1000 for f in figures)

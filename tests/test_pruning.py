@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lth import imp, pruning
-from lth.hparams import PruningHparams, from_dict
-from lth.models.base import PrunableModel
-from lth.registry import build_model
+from lth.core import pruning
+from lth.core.hparams import PruningHparams, from_dict
+from lth.core.models.base import PrunableModel
+from lth.core.registry import build_model
+from lth.lottery import round as imp
 
 LENET = {"layers.0.weight": 784 * 300, "layers.1.weight": 300 * 100, "layers.2.weight": 100 * 10}
-
 
 
 def model(name: str = "lenet_300_100", seed: int = 0) -> PrunableModel:
@@ -48,15 +48,21 @@ def test_layerwise_lenet_exact_counts_two_rounds() -> None:
     m = model()
     # Round 1: hidden layers lose ceil(20%), the output layer ceil(10%) of what remains.
     first = prune(m)
-    assert kept(first) == {"layers.0.weight": 235200 - 47040, "layers.1.weight": 30000 - 6000,
-                           "layers.2.weight": 1000 - 100}
+    assert kept(first) == {
+        "layers.0.weight": 235200 - 47040,
+        "layers.1.weight": 30000 - 6000,
+        "layers.2.weight": 1000 - 100,
+    }
     for n in LENET:
         assert_magnitude_order(m, first, [n])
     # Round 2 prunes what survived round 1 (with other weights, as after retraining).
     m2 = model(seed=1)
     second = prune(m2, first)
-    assert kept(second) == {"layers.0.weight": 188160 - 37632, "layers.1.weight": 24000 - 4800,
-                            "layers.2.weight": 900 - 90}
+    assert kept(second) == {
+        "layers.0.weight": 188160 - 37632,
+        "layers.1.weight": 24000 - 4800,
+        "layers.2.weight": 900 - 90,
+    }
     assert all(bool((second[n] <= first[n]).all()) for n in LENET)  # never revives a pruned weight
 
 
@@ -161,8 +167,13 @@ def write_round0(runs: Path, m: PrunableModel, trained: PrunableModel) -> None:
 
 def test_control_networks_of_a_round(tmp_path: Path) -> None:
     """Round 1 of IMP and its controls for ResNet-20 under global pruning, as the stages build them."""
-    hp = from_dict({"model": {"name": "resnet20"}, "dataset": {"name": "cifar10"},
-                    "pruning": {"strategy": "global", "conv_rate": 0.2, "fc_rate": 0.0, "output_rate": 0.0}})
+    hp = from_dict(
+        {
+            "model": {"name": "resnet20"},
+            "dataset": {"name": "cifar10"},
+            "pruning": {"strategy": "global", "conv_rate": 0.2, "fc_rate": 0.0, "output_rate": 0.0},
+        }
+    )
     init = imp.init_model(hp, imp.trial_seed(hp, 0))
     trained = model("resnet20", seed=7)  # stands in for the trained weights
     runs = tmp_path / "runs"

@@ -10,12 +10,20 @@ from typing import Any
 
 import pytest
 
-from lth import hparams
-from lth.tracking import TAG_HASH, TAG_ROUND_HASH
+from lth.core import hparams
+from lth.tracking.store import TAG_HASH, TAG_ROUND_HASH
 from tests.conftest import make_project
 
-XOR = {"dataset.name": "xor", "model.name": "xor", "dataset.validation_size": 1000, "training.iterations": 200,
-       "training.eval_every": 50, "training.test_every": 100, "pruning.rounds": 1, "runtime.threads": 1}
+XOR = {
+    "dataset.name": "xor",
+    "model.name": "xor",
+    "dataset.validation_size": 1000,
+    "training.iterations": 200,
+    "training.eval_every": 50,
+    "training.test_every": 100,
+    "pruning.rounds": 1,
+    "runtime.threads": 1,
+}
 LRS = (0.01, 0.02)
 
 
@@ -70,10 +78,14 @@ def test_queued_experiments_run_in_parallel_with_separate_results(tmp_path: Path
         runs = client.search_runs([exps[0].experiment_id])
         assert all(r.data.tags[TAG_HASH] == hp.hash and r.info.status == "FINISHED" for r in runs)
         assert sorted(r.data.tags[TAG_ROUND_HASH] for r in runs) == sorted(
-            hp.round_hash(k, 0, "ticket") for k in (0, 1)), lr
+            hp.round_hash(k, 0, "ticket") for k in (0, 1)
+        ), lr
         assert {r.data.params["training.lr"] for r in runs} == {str(lr)}
-    for name in [line.split()[1] for line in p.dvc("queue", "status").stdout.splitlines()[1:] if line.strip()
-                 and not line.startswith("Worker")][:2]:
+    for name in [
+        line.split()[1]
+        for line in p.dvc("queue", "status").stdout.splitlines()[1:]
+        if line.strip() and not line.startswith("Worker")
+    ][:2]:
         logs = p.dvc("queue", "logs", name, check=False).stdout
         assert "lth: ticket round 1" in logs, logs
         assert "database is locked" not in logs and "lth: WARNING" not in logs, logs

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from lth import hparams, html_report, report
-from lth.progress import RoundProgress
+from lth.core import hparams
+from lth.lottery.progress import RoundProgress
+from lth.reporting import aggregate as report
+from lth.reporting import html as html_report
 from tests.test_cli import Cells
 
 PCT = {0: 100.0, 1: 51.3, 2: 21.1}
@@ -20,8 +22,17 @@ PCT = {0: 100.0, 1: 51.3, 2: 21.1}
 def write_round(runs: Path, kind: str, k: int, trial: int, acc: float, stop: int) -> None:
     d = runs / kind / f"round_{k:02d}" / f"trial_{trial}"
     d.mkdir(parents=True)
-    m = {"kind": kind, "round": k, "trial": trial, "percent_remaining": PCT[k], "test_accuracy_at_early_stop": acc,
-         "test_accuracy_final": acc - 0.01, "early_stop_iteration": stop, "val_loss_at_early_stop": 0.1, "hash": "h"}
+    m = {
+        "kind": kind,
+        "round": k,
+        "trial": trial,
+        "percent_remaining": PCT[k],
+        "test_accuracy_at_early_stop": acc,
+        "test_accuracy_final": acc - 0.01,
+        "early_stop_iteration": stop,
+        "val_loss_at_early_stop": 0.1,
+        "hash": "h",
+    }
     (d / "metrics.json").write_text(json.dumps(m))
     with open(d / "curve.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -41,7 +52,7 @@ def results(tmp_path: Path) -> tuple[dict, Path]:
                 write_round(runs, "reinit", k, t, acc - 0.1, 50)
     agg = report.aggregate(report.collect(runs))
     curves = report.write_curves_csv(runs, [0, 2], tmp_path / "curves.csv")
-    report.plot_figures(agg, curves, tmp_path / "figures", title="exp")
+    figures.plot_figures(agg, curves, tmp_path / "figures", title="exp")
     return agg, tmp_path
 
 
@@ -73,8 +84,7 @@ def test_html_report_tables_figures_and_hash(results: tuple[dict, Path]) -> None
     assert ["training.lr", "0.0007"] in params.rows
     assert hp.hash in page and hp.canonical().replace('"', "&quot;") in page
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert [base64.b64decode(i) for i in images] == [(tmp / "figures" / n).read_bytes()
-                                                     for n, _ in html_report.FIGURES]
+    assert [base64.b64decode(i) for i in images] == [(tmp / "figures" / n).read_bytes() for n, _ in html_report.FIGURES]
 
 
 def test_html_report_names_missing_figures(results: tuple[dict, Path], tmp_path: Path) -> None:
@@ -89,8 +99,9 @@ def test_progress_lines_say_which_round_of_how_many(capsys: pytest.CaptureFixtur
     assert "ticket round 3 of 20 trial 1: iteration 10/10" in capsys.readouterr().err
 
 
-def test_time_left_extrapolates_from_training_not_set_up(monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture) -> None:
+def test_time_left_extrapolates_from_training_not_set_up(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     now = [100.0]
     monkeypatch.setattr("lth.progress.time.perf_counter", lambda: now[0])
     with RoundProgress("ticket round 1", 1000) as bar:
@@ -99,4 +110,5 @@ def test_time_left_extrapolates_from_training_not_set_up(monkeypatch: pytest.Mon
         now[0] = 112.0  # then 100 iterations in 2 s: 900 left take 18 s
         bar.update(100, {"val_loss": 0.5, "val_accuracy": 0.8})
     assert "iteration 100/1000, val loss 0.5000, val accuracy 0.8000, 12 s elapsed, ~18 s left" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lth import hparams
-from lth.imp import checkpoint_key, trial_dir
+from lth.core import hparams
+from lth.lottery.round import checkpoint_key, trial_dir
 from tests.conftest import ROOT, make_project, needs_mnist
 
 
@@ -44,9 +44,13 @@ def wait_for(path: Path, proc: subprocess.Popen, newer_than: float = 0.0, timeou
 
 # ------------------------------------------------------------------------- SIGTERM and Ctrl-C (fast, XOR)
 
-XOR = {"dataset": {"name": "xor", "validation_size": 1000}, "model": {"name": "xor"},
-       "training": {"iterations": 400, "eval_every": 10, "test_every": 100, "batch_size": 60},
-       "pruning": {"rounds": 1}, "runtime": {"threads": 1, "checkpoint_seconds": 0}}
+XOR = {
+    "dataset": {"name": "xor", "validation_size": 1000},
+    "model": {"name": "xor"},
+    "training": {"iterations": 400, "eval_every": 10, "test_every": 100, "batch_size": 60},
+    "pruning": {"rounds": 1},
+    "runtime": {"threads": 1, "checkpoint_seconds": 0},
+}
 
 
 def xor_workdir(dest: Path) -> tuple[Path, dict[str, str]]:
@@ -63,8 +67,9 @@ def xor_workdir(dest: Path) -> tuple[Path, dict[str, str]]:
 
 
 def stage(cwd: Path, env: dict[str, str], *args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
+    )
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str]:
@@ -133,8 +138,11 @@ def test_checkpoint_of_other_hyperparameters_or_code_is_never_used(tmp_path: Pat
     assert state["key"] == checkpoint_key(hp, 0, 0, "ticket")
     # Same file name, but saved by a run with another learning rate, or by an older training loop.
     other = hparams.load(a / "params.yaml", ["training.lr=0.5"])
-    foreign = (checkpoint_key(other, 0, 0, "ticket") if saved_by == "other hyperparameters"
-               else f"{hp.round_hash(0, 0, 'ticket')}-code-000000000000")
+    foreign = (
+        checkpoint_key(other, 0, 0, "ticket")
+        if saved_by == "other hyperparameters"
+        else f"{hp.round_hash(0, 0, 'ticket')}-code-000000000000"
+    )
     state["key"] = foreign
     torch.save(state, ckpt)
     rc, out = finish(stage(a, env, "stages/train_round.py", "--round", "0"))
@@ -149,13 +157,26 @@ def test_checkpoint_of_other_hyperparameters_or_code_is_never_used(tmp_path: Pat
 @pytest.mark.slow
 @needs_mnist
 def test_killed_dvc_repro_resumes_the_round_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    tiny = {"pruning.rounds": 1, "training.iterations": 400, "training.eval_every": 20,
-            "training.test_every": 100, "runtime.threads": 1, "runtime.checkpoint_seconds": 0}
+    tiny = {
+        "pruning.rounds": 1,
+        "training.iterations": 400,
+        "training.eval_every": 20,
+        "training.test_every": 100,
+        "runtime.threads": 1,
+        "runtime.checkpoint_seconds": 0,
+    }
     p = make_project(tmp_path / "killed", tiny)
     hp = hparams.load(p.root / "params.yaml")
     ckpt = p.root / ".lth" / "checkpoints" / f"{hp.round_hash(1, 0, 'ticket')}.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=p.root, env=p.env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro"],
+        cwd=p.root,
+        env=p.env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     wait_for(ckpt, proc, timeout=600)
     os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage it runs: nothing gets to clean up
     proc.communicate()

@@ -7,12 +7,22 @@ from pathlib import Path
 
 import yaml
 
-from lth import hparams, pipeline, schedule
+from lth.core import hparams
+from lth.pipeline import render as pipeline
+from lth.pipeline import schedule
 
 from .conftest import make_project, preset_params
 
-XOR = preset_params("xor", **{"training.iterations": 200, "training.eval_every": 50, "training.test_every": 50,
-                              "pruning.rounds": 2, "controls.random_reinit": True})
+XOR = preset_params(
+    "xor",
+    **{
+        "training.iterations": 200,
+        "training.eval_every": 50,
+        "training.test_every": 50,
+        "pruning.rounds": 2,
+        "controls.random_reinit": True,
+    },
+)
 
 
 def test_stage_graph_follows_the_rendered_pipeline(tmp_path: Path) -> None:
@@ -60,9 +70,13 @@ def test_two_jobs_run_stages_side_by_side_with_the_outputs_of_dvc_repro(tmp_path
 def test_a_failing_stage_stops_new_launches_and_keeps_finished_ones(tmp_path: Path) -> None:
     proj = make_project(tmp_path / "project", XOR)
     (proj.root / "stages" / "train_round.py").write_text(
-        (proj.root / "stages" / "train_round.py").read_text().replace(
+        (proj.root / "stages" / "train_round.py")
+        .read_text()
+        .replace(
             "    args = parser.parse_args()\n",
-            "    args = parser.parse_args()\n    if args.kind == 'reinit':\n        raise SystemExit('boom')\n"))
+            "    args = parser.parse_args()\n    if args.kind == 'reinit':\n        raise SystemExit('boom')\n",
+        )
+    )
     proc = proj.lth("run", "-j", "2", check=False)
     assert proc.returncode != 0
     assert "reinit_round_01 failed" in proc.stderr and "boom" in proc.stderr

@@ -20,8 +20,12 @@ TINY = {"pruning.rounds": 1, "training.iterations": 100, "training.eval_every": 
 
 
 def digests(root: Path) -> dict[str, str]:
-    return {str(f.relative_to(root)): hashlib.md5(f.read_bytes()).hexdigest()
-            for d in ("runs", "results", "data/prepared") for f in sorted((root / d).rglob("*")) if f.is_file()}
+    return {
+        str(f.relative_to(root)): hashlib.md5(f.read_bytes()).hexdigest()
+        for d in ("runs", "results", "data/prepared")
+        for f in sorted((root / d).rglob("*"))
+        if f.is_file()
+    }
 
 
 @pytest.mark.slow
@@ -51,9 +55,26 @@ def test_pipeline_logs_to_a_shared_mlflow_server(tmp_path: Path) -> None:
 
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -68,8 +89,12 @@ def test_pipeline_logs_to_a_shared_mlflow_server(tmp_path: Path) -> None:
         p.env["MLFLOW_TRACKING_URI"] = uri
         p.lth("run")
         client = MlflowClient(uri)
-        runs = [r for e in client.search_experiments() if e.name.startswith("lth/")
-                for r in client.search_runs([e.experiment_id])]
+        runs = [
+            r
+            for e in client.search_experiments()
+            if e.name.startswith("lth/")
+            for r in client.search_runs([e.experiment_id])
+        ]
         assert sorted(r.data.tags["lth.round"] for r in runs) == ["0", "1"]
         assert all(r.info.status == "FINISHED" for r in runs)
         assert not (p.root / "mlflow.db").exists()  # everything went to the server

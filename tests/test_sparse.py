@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from lth import hparams
-from lth.models.conv import conv2
-from lth.sparse import SparseLinear, use_sparse
-from lth.training import StopRequest, train
+from lth.core import hparams
+from lth.core.models.conv import conv2
+from lth.core.sparse import SparseLinear, use_sparse
+from lth.core.training import StopRequest, train
 
 from .conftest import needs_mnist
 from .test_training import HP, data, pruned_network  # noqa: F401 - the data fixture
@@ -61,7 +61,7 @@ def test_kernels_are_chosen_from_the_mask_and_the_setting() -> None:
 
 
 def test_runtime_setting_is_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lth import runtime
+    from lth.pipeline import settings as runtime
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("LTH_SPARSE", raising=False)
@@ -96,7 +96,8 @@ def test_sparse_training_equals_dense_up_to_rounding(data) -> None:  # noqa: ANN
     assert not torch.equal(sparse.state["layers.0.weight"], start.state_dict()["layers.0.weight"])
     assert sparse.metrics["early_stop_iteration"] == dense.metrics["early_stop_iteration"]
     assert sparse.metrics["test_accuracy_at_early_stop"] == pytest.approx(
-        dense.metrics["test_accuracy_at_early_stop"], abs=2e-3)
+        dense.metrics["test_accuracy_at_early_stop"], abs=2e-3
+    )
     # Same setting, same bits.
     model, mask = pruned_network(5.0)
     again = train(model, data, short(), seed=0, mask=mask, sparse="on")
@@ -116,8 +117,18 @@ def test_sparse_training_resumes_bit_identical(data, tmp_path: Path) -> None:  #
 
     model, mask = pruned_network(5.0)
     with pytest.raises(SystemExit):
-        train(model, data, short(), seed=0, mask=mask, sparse="on", checkpoint=ckpt, checkpoint_key="k",
-              stop=stop, progress=stop_at_200)
+        train(
+            model,
+            data,
+            short(),
+            seed=0,
+            mask=mask,
+            sparse="on",
+            checkpoint=ckpt,
+            checkpoint_key="k",
+            stop=stop,
+            progress=stop_at_200,
+        )
     assert torch.load(ckpt, weights_only=True)["iteration"] == 200
     model, mask = pruned_network(5.0)
     resumed = train(model, data, short(), seed=0, mask=mask, sparse="on", checkpoint=ckpt, checkpoint_key="k")

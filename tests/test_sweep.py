@@ -22,7 +22,11 @@ def test_sweep_over_learning_rate_experiments(tmp_path) -> None:
     rows = list(csv.DictReader(open(p.root / "results" / "lr_sweep.csv")))
     assert sorted({r["training.lr"] for r in rows}) == ["0.0005", "0.002"]
     assert sorted((r["training.lr"], r["round"]) for r in rows) == [
-        ("0.0005", "0"), ("0.0005", "1"), ("0.002", "0"), ("0.002", "1")]
+        ("0.0005", "0"),
+        ("0.0005", "1"),
+        ("0.002", "0"),
+        ("0.002", "1"),
+    ]
     assert (p.root / "results" / "lr_sweep.png").read_bytes()[:4] == b"\x89PNG"
     # The same numbers reached MLflow (of the original repo, even from DVC's experiment workspaces).
     from mlflow.tracking import MlflowClient
@@ -30,10 +34,15 @@ def test_sweep_over_learning_rate_experiments(tmp_path) -> None:
     client = MlflowClient(p.tracking_uri)
     for r in rows:
         exps = [e for e in client.search_experiments() if e.name.startswith("lth/")]
-        runs = [run for e in exps for run in client.search_runs([e.experiment_id])
-                if run.data.params["training.lr"] == r["training.lr"] and run.data.tags["lth.round"] == r["round"]]
+        runs = [
+            run
+            for e in exps
+            for run in client.search_runs([e.experiment_id])
+            if run.data.params["training.lr"] == r["training.lr"] and run.data.tags["lth.round"] == r["round"]
+        ]
         assert len(runs) == 1
         assert float(r["test_accuracy_at_early_stop"]) == pytest.approx(
-            runs[0].data.metrics["test_accuracy_at_early_stop"], abs=1e-6)
+            runs[0].data.metrics["test_accuracy_at_early_stop"], abs=1e-6
+        )
     bad = p.lth("sweep", "--param", "training.lrr", check=False)
     assert bad.returncode != 0 and "not a hyperparameter of these experiments" in bad.stderr

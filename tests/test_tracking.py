@@ -17,12 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from lth import hparams
-from lth.tracking import TAG_HASH, TAG_ROUND_HASH, Tracker
+from lth.core import hparams
+from lth.tracking.store import TAG_HASH, TAG_ROUND_HASH, Tracker
 from tests.conftest import Project, make_project
 
-XOR = {"dataset.name": "xor", "model.name": "xor", "dataset.validation_size": 1000, "training.iterations": 200,
-       "training.eval_every": 50, "training.test_every": 100, "pruning.rounds": 2, "runtime.threads": 1}
+XOR = {
+    "dataset.name": "xor",
+    "model.name": "xor",
+    "dataset.validation_size": 1000,
+    "training.iterations": 200,
+    "training.eval_every": 50,
+    "training.test_every": 100,
+    "pruning.rounds": 2,
+    "runtime.threads": 1,
+}
 
 
 def free_port() -> int:
@@ -69,9 +77,13 @@ def test_unreachable_server_warns_quickly_and_sync_replays_idempotently(tmp_path
 
     from mlflow.tracking import MlflowClient
 
-    run = next(r for r in MlflowClient(uri).search_runs(
-        [MlflowClient(uri).get_experiment_by_name(f"lth/{hp.short_name}").experiment_id])
-        if r.data.tags["lth.round"] == "1")
+    run = next(
+        r
+        for r in MlflowClient(uri).search_runs(
+            [MlflowClient(uri).get_experiment_by_name(f"lth/{hp.short_name}").experiment_id]
+        )
+        if r.data.tags["lth.round"] == "1"
+    )
     recorded = json.loads((p.root / "runs/ticket/round_01/trial_0/metrics.json").read_text())
     assert run.data.metrics["test_accuracy_at_early_stop"] == recorded["test_accuracy_at_early_stop"]
     assert run.data.params["training.iterations"] == "200"
@@ -110,8 +122,9 @@ def test_locked_sqlite_store_is_retried(tmp_path: Path) -> None:
     locked.wait()
     t0 = time.perf_counter()
     try:
-        tracker.log_round(hp, 0, "ticket", 0, {"test_accuracy_final": 0.5},
-                          [{"iteration": 0, "val_loss": 1.0}], b"mask", weights)
+        tracker.log_round(
+            hp, 0, "ticket", 0, {"test_accuracy_final": 0.5}, [{"iteration": 0, "val_loss": 1.0}], b"mask", weights
+        )
     finally:
         holder.join()
     assert time.perf_counter() - t0 > 5  # it did meet the lock, and got through it
@@ -123,9 +136,24 @@ def test_locked_sqlite_store_is_retried(tmp_path: Path) -> None:
 
 def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-         "--default-artifact-root", (tmp_path / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'srv.db'}",
+            "--default-artifact-root",
+            (tmp_path / "artifacts").as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     end = time.monotonic() + 180
     while time.monotonic() < end:
         try:
@@ -158,8 +186,14 @@ def test_server_stopped_mid_run_then_sync_logs_every_round_exactly_once(tmp_path
     p: Project = make_project(tmp_path / "p", XOR)
     p.env["MLFLOW_TRACKING_URI"] = uri = f"http://127.0.0.1:{port}"
     hp = hparams.load(p.root / "params.yaml")
-    repro = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=p.root, env=p.env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    repro = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro"],
+        cwd=p.root,
+        env=p.env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         while finished_runs(tmp_path / "srv.db") < 1:
             assert repro.poll() is None, repro.stdout.read()

@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-from lth import pruning
-from lth.data import Data, load_prepared, prepare
-from lth.hparams import Hparams, TrainingHparams
-from lth.imp import init_model
-from lth.training import train
+from lth.core import pruning
+from lth.core.data import Data, load_prepared, prepare
+from lth.core.hparams import Hparams, TrainingHparams
+from lth.core.training import train
+from lth.lottery.round import init_model
 
 from .conftest import needs_mnist
 
@@ -25,7 +25,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
     path = tmp_path_factory.mktemp("prepared") / "mnist.pt"
     prepare(HP.dataset, path)
     return load_prepared(path, HP.dataset)
-
 
 
 def pruned_network(percent: float = 50.0, seed: int = 0) -> tuple[torch.nn.Module, pruning.Mask]:
@@ -44,8 +43,11 @@ def short(**changes: object) -> TrainingHparams:
     return dataclasses.replace(HP.training, **{"iterations": 300, "eval_every": 100, "test_every": 100, **changes})
 
 
-@pytest.mark.parametrize("changes", [{}, {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3},
-                                     {"weight_decay": 1e-3}], ids=["adam", "sgd-momentum-wd", "adam-wd"])
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}, {"weight_decay": 1e-3}],
+    ids=["adam", "sgd-momentum-wd", "adam-wd"],
+)
 def test_same_seed_same_bits_and_pruned_weights_stay_zero(data: Data, changes: dict) -> None:
     results = []
     for _ in range(2):

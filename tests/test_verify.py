@@ -11,9 +11,13 @@ import yaml
 
 from tests.conftest import ROOT, Project
 
-XOR = {"dataset": {"name": "xor", "validation_size": 1000}, "model": {"name": "xor"},
-       "training": {"iterations": 200, "eval_every": 50, "test_every": 100}, "pruning": {"rounds": 1},
-       "runtime": {"threads": 1}}
+XOR = {
+    "dataset": {"name": "xor", "validation_size": 1000},
+    "model": {"name": "xor"},
+    "training": {"iterations": 200, "eval_every": 50, "test_every": 100},
+    "pruning": {"rounds": 1},
+    "runtime": {"threads": 1},
+}
 
 
 def snapshot(root: Path) -> dict[str, int]:
@@ -26,8 +30,11 @@ def test_verify_passes_then_fails_after_tampering(tmp_path: Path) -> None:
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(XOR))
     p.env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    for args in (["stages/prepare.py"], ["stages/train_round.py", "--round", "0"],
-                 ["stages/train_round.py", "--round", "1"]):
+    for args in (
+        ["stages/prepare.py"],
+        ["stages/train_round.py", "--round", "0"],
+        ["stages/train_round.py", "--round", "1"],
+    ):
         p.run(sys.executable, *args)
     before = snapshot(p.root)
     r = p.lth("verify", "--round", "1")

@@ -8,22 +8,40 @@ from pathlib import Path
 
 import click
 
-from lth import hparams, pipeline
+from lth import __version__
+from lth.core import config
+from lth.core.hparams import Hparams
+from lth.pipeline import render, stage
+from lth.pipeline.workspace import DATA_DIR, RESULTS_DIR, RUNS_DIR
 
-PARAMS_OPTION = click.option("--params", "-p", "params_path", default="params.yaml", show_default=True,
-                             type=click.Path(dir_okay=False), help="params file of the experiment")
-SET_OPTION = click.option("--set", "-S", "overrides", multiple=True, metavar="KEY=VALUE",
-                          help="override one hyperparameter, e.g. -S training.lr=3e-4 (repeatable)")
+PARAMS_OPTION = click.option(
+    "--params",
+    "-p",
+    "params_path",
+    default="params.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="params file of the experiment",
+)
+SET_OPTION = click.option(
+    "--set",
+    "-S",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="override one hyperparameter, e.g. -S training.lr=3e-4 (repeatable)",
+)
 
 
-def load_or_exit(params_path: str, overrides: tuple[str, ...] = ()) -> hparams.Hparams:
+def load_or_exit(params_path: str, overrides: tuple[str, ...] = ()) -> Hparams:
     try:
-        return hparams.load(params_path, overrides)
-    except hparams.HparamsError as e:
+        return config.load(params_path, overrides)
+    except config.HparamsError as e:
         raise click.ClickException(str(e)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lth")
 def main() -> None:
     """Lottery Ticket Hypothesis experiments: iterative magnitude pruning with DVC and MLflow.
 
@@ -36,17 +54,25 @@ def main() -> None:
 def pipeline_cmd(params_path: str) -> None:
     """Render dvc.yaml from params.yaml (one stage per round and control)."""
     hp = load_or_exit(params_path)
-    changed = pipeline.write(hp)
+    changed = render.write(hp)
     n = hp.pruning.rounds
-    click.echo(f"dvc.yaml {'updated' if changed else 'already up to date'}: prepare, {n + 1} ticket rounds"
-               f"{', controls: ' + ', '.join(pipeline.control_kinds(hp)) if pipeline.control_kinds(hp) else ''}"
-               ", evaluate")
+    click.echo(
+        f"dvc.yaml {'updated' if changed else 'already up to date'}: prepare, {n + 1} ticket rounds"
+        f"{', controls: ' + ', '.join(render.control_kinds(hp)) if render.control_kinds(hp) else ''}"
+        ", evaluate"
+    )
 
 
 @main.command("run", context_settings={"ignore_unknown_options": True})
 @PARAMS_OPTION
-@click.option("--jobs", "-j", type=click.IntRange(min=0), default=0, show_default=True,
-              help="stages run side by side (0 = auto: one per core for fully connected networks, else 1)")
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="stages run side by side (0 = auto: one per core for fully connected networks, else 1)",
+)
 @click.argument("dvc_args", nargs=-1, type=click.UNPROCESSED)
 def run_cmd(params_path: str, jobs: int, dvc_args: tuple[str, ...]) -> None:
     """Validate params, render dvc.yaml, then reproduce the pipeline through DVC.
@@ -55,13 +81,14 @@ def run_cmd(params_path: str, jobs: int, dvc_args: tuple[str, ...]) -> None:
     round's controls beside the next round, the rounds of a one-shot experiment) run at the same time,
     each as `dvc repro --single-item STAGE`: DVC records and caches them as usual.
     """
-    from lth import schedule
+    from lth.pipeline import schedule
 
     hp = load_or_exit(params_path)
-    pipeline.write(hp)
+    render.write(hp)
     if jobs > 1 and dvc_args:
-        raise click.UsageError(f"extra dvc repro arguments ({' '.join(dvc_args)}) work with one job only: "
-                               "drop them or pass -j 1")
+        raise click.UsageError(
+            f"extra dvc repro arguments ({' '.join(dvc_args)}) work with one job only: drop them or pass -j 1"
+        )
     jobs = jobs or (1 if dvc_args else schedule.auto_jobs(hp.model.name))
     graph = schedule.stage_graph()
     todo: list[str] = []
@@ -71,12 +98,19 @@ def run_cmd(params_path: str, jobs: int, dvc_args: tuple[str, ...]) -> None:
         except RuntimeError as e:
             raise click.ClickException(str(e)) from None
         jobs = min(jobs, schedule.width(graph, todo))  # a chain runs as plain dvc repro, with live bars
-    env = schedule.child_env(jobs, hp.model.name)
+    try:
+        settings = stage.load(params_path).settings
+    except stage.USER_ERRORS as e:
+        raise click.ClickException(str(e)) from None
+    env = schedule.child_env(jobs, hp.model.name, settings)
     if jobs <= 1:
         click.echo(f"lth: experiment {hp.short_name} ({hp.pruning.rounds} rounds); running dvc repro", err=True)
         sys.exit(subprocess.call([*schedule.DVC, "repro", *dvc_args], env=env))
-    click.echo(f"lth: experiment {hp.short_name} ({hp.pruning.rounds} rounds); {len(todo)} of {len(graph)} "
-               f"stages to run, up to {jobs} at a time", err=True)
+    click.echo(
+        f"lth: experiment {hp.short_name} ({hp.pruning.rounds} rounds); {len(todo)} of {len(graph)} "
+        f"stages to run, up to {jobs} at a time",
+        err=True,
+    )
     sys.exit(schedule.repro(graph, todo, jobs, env))
 
 
@@ -86,58 +120,72 @@ def run_cmd(params_path: str, jobs: int, dvc_args: tuple[str, ...]) -> None:
 @click.option("--no-mlflow", is_flag=True, help="do not query the MLflow store")
 def locate_cmd(params_path: str, overrides: tuple[str, ...], no_mlflow: bool) -> None:
     """Print where the results of an experiment are: its hash, DVC outputs and MLflow runs."""
-    from lth import report
-    from lth.tracking import experiment_name, tracking_uri
+    from lth.reporting import aggregate as report
+    from lth.tracking.store import experiment_name, tracking_uri
 
     hp = load_or_exit(params_path, overrides)
     click.echo(f"experiment: {hp.short_name}")
     click.echo(f"hash (MD5 of canonical hyperparameters): {hp.hash}")
-    rows = [r for r in report.collect(Path(pipeline.RUNS_DIR)) if r.get("hash") == hp.hash]
+    rows = [r for r in report.collect(Path(RUNS_DIR)) if r.get("hash") == hp.hash]
     if rows:
         click.echo(f"DVC outputs in this workspace ({len(rows)} trained networks):")
         for r in sorted(rows, key=lambda r: (r["kind"], r["round"], r["trial"])):
-            click.echo(f"  {pipeline.round_out(r['kind'], r['round'])}/trial_{r['trial']}  "
-                       f"{r['percent_remaining']:.2f}% remaining  test acc {r['test_accuracy_at_early_stop']:.4f}")
+            click.echo(
+                f"  {render.round_out(r['kind'], r['round'])}/trial_{r['trial']}  "
+                f"{r['percent_remaining']:.2f}% remaining  test acc {r['test_accuracy_at_early_stop']:.4f}"
+            )
     else:
-        click.echo("DVC outputs: none in this workspace for these hyperparameters "
-                   "(`dvc exp show` lists experiments; `lth run` computes them)")
+        click.echo(
+            "DVC outputs: none in this workspace for these hyperparameters "
+            "(`dvc exp show` lists experiments; `lth run` computes them)"
+        )
     if no_mlflow:
         return
-    from lth.tracking import Tracker
+    from lth.tracking.store import Tracker
 
     runs = Tracker().find_runs(hp.hash)
     click.echo(f"MLflow ({tracking_uri()}), experiment '{experiment_name(hp)}': {len(runs)} runs")
     for r in runs:
         acc = r.data.metrics.get("test_accuracy_at_early_stop")
-        click.echo(f"  run {r.info.run_id}  {r.info.run_name}  "
-                   f"test acc {acc:.4f}" if acc is not None else f"  run {r.info.run_id}  {r.info.run_name}")
+        click.echo(
+            f"  run {r.info.run_id}  {r.info.run_name}  test acc {acc:.4f}"
+            if acc is not None
+            else f"  run {r.info.run_id}  {r.info.run_name}"
+        )
 
 
 @main.command("preset")
 @click.argument("name", required=False)
 @click.option("--list", "list_", is_flag=True, help="list the presets with a description and estimated CPU time")
-@click.option("--force", is_flag=True, help="replace params.yaml even with uncommitted edits or results "
-              "(the old params.yaml is saved in .lth/params-backup/)")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="replace params.yaml even with uncommitted edits or results "
+    "(the old params.yaml is saved in .lth/params-backup/)",
+)
 @PARAMS_OPTION
 def preset_cmd(name: str | None, list_: bool, force: bool, params_path: str) -> None:
     """Select one experiment of the paper: copy presets/NAME.yaml to params.yaml and render dvc.yaml."""
-    from lth import presets
+    from lth.pipeline import presets
 
     if list_ or not name:
-        click.echo("Presets, with an estimate of the whole experiment's CPU time (measured seconds per iteration "
-                   "on one CPU thread x iterations x networks; a rough guide, a GPU is far faster):")
+        click.echo(
+            "Presets, with an estimate of the whole experiment's CPU time (measured seconds per iteration "
+            "on one CPU thread x iterations x networks; a rough guide, a GPU is far faster):"
+        )
         for preset_name, path in presets.available().items():
             hp = load_or_exit(str(path))
-            click.echo(f"  {preset_name:<16} ~{presets.format_duration(presets.estimate_cpu_seconds(hp)):>9}  "
-                       f"{presets.description(path)}")
+            click.echo(
+                f"  {preset_name:<16} ~{presets.format_duration(presets.estimate_cpu_seconds(hp)):>9}  "
+                f"{presets.description(path)}"
+            )
         if not name:
             click.echo("Select one with `lth preset NAME`, then `lth run`.")
         return
     try:
         click.echo(presets.select(name, Path(params_path), force=force))
-    except (presets.PresetError, hparams.HparamsError) as e:
+    except (presets.PresetError, config.HparamsError) as e:
         raise click.ClickException(str(e)) from None
-
 
 
 @main.command("sync-mlflow")
@@ -145,55 +193,64 @@ def preset_cmd(name: str | None, list_: bool, force: bool, params_path: str) -> 
 @SET_OPTION
 def sync_mlflow_cmd(params_path: str, overrides: tuple[str, ...]) -> None:
     """Log to MLflow every finished round under runs/ that MLflow lacks (after the server was down)."""
-    from lth.sync import sync
-    from lth.tracking import tracking_uri
+    from lth.tracking.store import tracking_uri
+    from lth.tracking.sync import sync
 
     hp = load_or_exit(params_path, overrides)
     try:
-        sync(hp, Path(pipeline.RUNS_DIR), echo=click.echo)
+        sync(hp, Path(RUNS_DIR), echo=click.echo)
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     except Exception as e:  # MLflow's errors (server down, store locked) have many types
-        raise click.ClickException(f"MLflow at {tracking_uri()} failed ({type(e).__name__}: {e}). Nothing on disk "
-                                   "changed; fix the server (or MLFLOW_TRACKING_URI) and run it again.") from None
+        raise click.ClickException(
+            f"MLflow at {tracking_uri()} failed ({type(e).__name__}: {e}). Nothing on disk "
+            "changed; fix the server (or MLFLOW_TRACKING_URI) and run it again."
+        ) from None
 
 
 @main.command("verify")
 @PARAMS_OPTION
 @click.option("--round", "round_index", type=int, default=None, help="round to re-run [default: the last]")
-@click.option("--kind", type=click.Choice(["ticket", "reinit", "random_pruning"]), default="ticket",
-              show_default=True)
+@click.option("--kind", type=click.Choice(["ticket", "reinit", "random_pruning"]), default="ticket", show_default=True)
 @click.option("--trial", type=int, default=0, show_default=True)
 def verify_cmd(params_path: str, round_index: int | None, kind: str, trial: int) -> None:
     """Re-run one round from its recorded inputs in a temporary directory and compare it with the recorded
     outputs (mask, final weights, curve, metrics). Exits 1 on a mismatch; the workspace and MLflow are
     not touched."""
-    from lth import runtime
-    from lth.data import DataError
-    from lth.verify import VerifyError, verify
+    from lth.lottery.verify import verify
 
     hp = load_or_exit(params_path)
     round_index = hp.pruning.rounds if round_index is None else round_index
-    rt = runtime.configure(params_path)
     try:
-        ok = verify(hp, round_index, kind, trial, Path(pipeline.RUNS_DIR), Path(pipeline.DATA_DIR), rt["device"],
-                    echo=click.echo)
-    except (VerifyError, DataError, OSError, ValueError) as e:
+        settings = stage.load(params_path).settings
+        ok = verify(hp, round_index, kind, trial, Path(RUNS_DIR), Path(DATA_DIR), settings, echo=click.echo)
+    except stage.USER_ERRORS as e:
         raise click.ClickException(str(e)) from None
     sys.exit(0 if ok else 1)
 
 
-
 @main.command("compare")
 @click.argument("experiments", nargs=-1, metavar="[PARAMS_FILE | HASH]...")
-@click.option("--set", "-S", "override_sets", multiple=True, metavar="'KEY=VALUE ...'",
-              help="one experiment: space-separated overrides of --params, e.g. -S 'training.lr=3e-4' (repeatable)")
+@click.option(
+    "--set",
+    "-S",
+    "override_sets",
+    multiple=True,
+    metavar="'KEY=VALUE ...'",
+    help="one experiment: space-separated overrides of --params, e.g. -S 'training.lr=3e-4' (repeatable)",
+)
 @PARAMS_OPTION
-@click.option("--kind", type=click.Choice(["ticket", "reinit", "random_pruning"]), default="ticket",
-              show_default=True, help="which networks to tabulate: the winning ticket or a control")
+@click.option(
+    "--kind",
+    type=click.Choice(["ticket", "reinit", "random_pruning"]),
+    default="ticket",
+    show_default=True,
+    help="which networks to tabulate: the winning ticket or a control",
+)
 @click.option("--no-mlflow", is_flag=True, help="only the workspace's DVC outputs, do not query the MLflow store")
-def compare_cmd(experiments: tuple[str, ...], override_sets: tuple[str, ...], params_path: str, kind: str,
-                no_mlflow: bool) -> None:
+def compare_cmd(
+    experiments: tuple[str, ...], override_sets: tuple[str, ...], params_path: str, kind: str, no_mlflow: bool
+) -> None:
     """Compare two or more experiments side by side: per round, percent of weights remaining, test accuracy
     at early stop (mean [min-max] over trials) and early-stop iteration.
 
@@ -206,12 +263,12 @@ def compare_cmd(experiments: tuple[str, ...], override_sets: tuple[str, ...], pa
       lth compare params.yaml other/params.yaml
       lth compare 94435125 1f3c2a7e
     """
-    from lth import compare
+    from lth.reporting import compare
 
     try:
         exps = compare.experiments(experiments, override_sets, params_path)
-        click.echo(compare.compare(exps, Path(pipeline.RUNS_DIR), use_mlflow=not no_mlflow, kind=kind))
-    except hparams.HparamsError as e:
+        click.echo(compare.compare(exps, Path(RUNS_DIR), use_mlflow=not no_mlflow, kind=kind))
+    except config.HparamsError as e:
         raise click.ClickException(str(e)) from None
 
 
@@ -220,10 +277,16 @@ def compare_cmd(experiments: tuple[str, ...], override_sets: tuple[str, ...], pa
 @SET_OPTION
 @click.option("--round", "round_index", type=int, default=None, help="IMP round of the ticket [default: the last]")
 @click.option("--trial", type=int, default=0, show_default=True)
-@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
-              help="output file [default: exports/<experiment>-round_<k>-trial_<t>.pt]")
-def export_cmd(params_path: str, overrides: tuple[str, ...], round_index: int | None, trial: int,
-               out: str | None) -> None:
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="output file [default: exports/<experiment>-round_<k>-trial_<t>.pt]",
+)
+def export_cmd(
+    params_path: str, overrides: tuple[str, ...], round_index: int | None, trial: int, out: str | None
+) -> None:
     """Export the winning ticket of a round as one file for plain PyTorch: the mask and the masked rewound
     weights, with the model name, hyperparameters and hash.
 
@@ -232,16 +295,18 @@ def export_cmd(params_path: str, overrides: tuple[str, ...], round_index: int | 
       ticket = torch.load(PATH, weights_only=True)
       model.load_state_dict(ticket["state_dict"])   # pruned weights are 0; ticket["mask"] says which
     """
-    from lth import export
+    from lth.lottery import export
 
     hp = load_or_exit(params_path, overrides)
     round_index = hp.pruning.rounds if round_index is None else round_index
     try:
-        path, doc = export.export(hp, round_index, Path(out) if out else None, trial, Path(pipeline.RUNS_DIR))
+        path, doc = export.export(hp, round_index, Path(out) if out else None, trial, Path(RUNS_DIR))
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"wrote {path}: {hp.model.name} ticket of round {round_index} (trial {trial}), "
-               f"{doc['percent_remaining']:.2f}% of weights remaining, experiment {hp.hash}")
+    click.echo(
+        f"wrote {path}: {hp.model.name} ticket of round {round_index} (trial {trial}), "
+        f"{doc['percent_remaining']:.2f}% of weights remaining, experiment {hp.hash}"
+    )
 
 
 @main.command("ui")
@@ -252,7 +317,7 @@ def ui_cmd(host: str, port: int) -> None:
     MLFLOW_TRACKING_URI). Stop it with Ctrl-C."""
     import os
 
-    from lth.tracking import tracking_uri
+    from lth.tracking.store import tracking_uri
 
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
@@ -260,35 +325,64 @@ def ui_cmd(host: str, port: int) -> None:
         return
     click.echo(f"MLflow UI of {uri} at http://{host}:{port} (Ctrl-C stops it)", err=True)
     # exec: Ctrl-C and kill reach MLflow's server directly.
-    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                              "--host", host, "--port", str(port), "--workers", "1"])
+    os.execv(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+    )
 
 
 @main.command("report")
 @PARAMS_OPTION
-@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
-              help=f"output file [default: {pipeline.RESULTS_DIR}/report.html]")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help=f"output file [default: {RESULTS_DIR}/report.html]",
+)
 def report_cmd(params_path: str, out: str | None) -> None:
     """Write the one-page HTML report of the experiment (key table, figures, hyperparameters and hash)
     from the workspace's outputs. The evaluate stage writes the same page to results/report.html."""
-    from lth import html_report
+    from lth.reporting import html as html_report
 
     hp = load_or_exit(params_path)
     try:
-        path = html_report.from_workspace(hp, Path(pipeline.RUNS_DIR), Path(pipeline.RESULTS_DIR),
-                                          Path(out) if out else None)
+        path = html_report.from_workspace(hp, Path(RUNS_DIR), Path(RESULTS_DIR), Path(out) if out else None)
     except FileNotFoundError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {path}: open {path.resolve().as_uri()}")
 
 
 @main.command("sweep")
-@click.option("--out", "-o", default=f"{pipeline.RESULTS_DIR}/sweep", show_default=True, type=click.Path(),
-              help="writes OUT.csv (the table) and OUT.png (the figure)")
-@click.option("--param", "params", multiple=True, metavar="KEY",
-              help="the swept hyperparameter(s) [default: every one that differs between experiments]")
-@click.option("--kind", type=click.Choice(["ticket", "reinit", "random_pruning"]), default="ticket",
-              show_default=True)
+@click.option(
+    "--out",
+    "-o",
+    default=f"{RESULTS_DIR}/sweep",
+    show_default=True,
+    type=click.Path(),
+    help="writes OUT.csv (the table) and OUT.png (the figure)",
+)
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY",
+    help="the swept hyperparameter(s) [default: every one that differs between experiments]",
+)
+@click.option("--kind", type=click.Choice(["ticket", "reinit", "random_pruning"]), default="ticket", show_default=True)
 @click.option("--all-commits", "-A", is_flag=True, help="experiments of every commit, not only of HEAD")
 def sweep_cmd(out: str, params: tuple[str, ...], kind: str, all_commits: bool) -> None:
     """Aggregate the DVC experiments of this repo (a sweep) into one table and one figure: test accuracy at
@@ -301,18 +395,19 @@ def sweep_cmd(out: str, params: tuple[str, ...], kind: str, all_commits: bool) -
       dvc queue start --jobs 1 && dvc queue status   # wait for Success
       lth sweep --param training.lr --out results/lr_sweep
     """
-    from lth import sweep
+    from lth.reporting import sweep
 
     try:
-        text, csv_path, png_path, skipped = sweep.sweep(sweep.exp_show(Path("."), all_commits), Path(out),
-                                                        params, kind)
+        text, csv_path, png_path, skipped = sweep.sweep(sweep.exp_show(Path("."), all_commits), Path(out), params, kind)
     except sweep.SweepError as e:
         raise click.ClickException(str(e)) from None
     click.echo(text)
     click.echo(f"wrote {csv_path} and {png_path}")
     if skipped:
-        click.echo(f"skipped (no results/metrics.json: queued, failed or not evaluated): {', '.join(skipped)}",
-                   err=True)
+        click.echo(
+            f"skipped (no results/metrics.json: queued, failed or not evaluated): {', '.join(skipped)}", err=True
+        )
+
 
 if __name__ == "__main__":
     main()

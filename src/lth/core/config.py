@@ -1,0 +1,254 @@
+"""Params documents (params.yaml, presets, `-S key=value` overrides) read and validated into `Hparams`.
+
+`load()` validates the whole document before any compute starts and reports every problem at once,
+one line each, as an `HparamsError`. The `runtime` section is validated here too; what it resolves to
+is `lth.pipeline.settings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from lth.core import registry
+from lth.core.hparams import Hparams, flatten, section_fields
+
+
+class HparamsError(ValueError):
+    """Every problem found in a params document, one per line."""
+
+    def __init__(self, problems: list[str], source: str = "params"):
+        self.problems = problems
+        text = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{text}")
+
+
+def _closest(key: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid keys: {', '.join(sorted(candidates))})"
+
+
+def _coerce(key: str, value: Any, t: Any, problems: list[str]) -> Any:
+    """Check one leaf value against its annotated type; accept ints for floats."""
+    origin = get_origin(t)
+    if origin is list:
+        (inner,) = get_args(t)
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list of {inner.__name__}, got {value!r}")
+            return value
+        return [_coerce(f"{key}[{i}]", v, inner, problems) for i, v in enumerate(value)]
+    if t is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{key}: expected true or false, got {value!r}")
+        return value
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            problems.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if t is str:
+        if not isinstance(value, str):
+            problems.append(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`training.lr=3e-4` -> ("training.lr", 0.0003); values are parsed as YAML."""
+    if "=" not in text:
+        raise HparamsError([f"override '{text}' is not of the form key=value (e.g. training.lr=3e-4)"])
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML 1.1 reads '3e-4' as a string; numbers without a dot are common on the command line.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        nxt = d.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            d[p] = nxt
+        d = nxt
+    d[parts[-1]] = value
+
+
+# Keys that params.yaml may hold beside the hyperparameters: they never change results.
+RUNTIME_SECTIONS = ("runtime",)
+# The runtime section's keys and types: validated like the hyperparameters, never part of the hash.
+# A new runtime setting must be added here (a misspelled setting is an error, not silently ignored).
+RUNTIME_KEYS: dict[str, Any] = {
+    "device": str,
+    "threads": int,
+    "workers": int,
+    "quiet": bool,
+    "checkpoint_seconds": float,
+    "sparse": str | bool,
+}
+
+
+def _check_sections(doc: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """Top-level shape: known sections are mappings (an empty one is allowed), unknown names are errors.
+    Returns the hyperparameter part of the document."""
+    sections = [f.name for f in fields(Hparams) if dataclasses.is_dataclass(get_type_hints(Hparams)[f.name])]
+    top_keys = [f.name for f in fields(Hparams)] + list(RUNTIME_SECTIONS)
+    out: dict[str, Any] = {}
+    for name, value in doc.items():
+        if name in sections or name in RUNTIME_SECTIONS:
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                problems.append(f"{name}: expected a section of keys ({name}.<key>: value), got {value!r}")
+                continue
+        elif name not in top_keys:
+            problems.append(f"{name}: unknown section{_closest(str(name), top_keys)}")
+            continue
+        if name in RUNTIME_SECTIONS:
+            for key, v in value.items():
+                if key not in RUNTIME_KEYS:
+                    problems.append(f"{name}.{key}: unknown runtime setting{_closest(str(key), list(RUNTIME_KEYS))}")
+                elif v is not None:
+                    v = _coerce(f"{name}.{key}", v, RUNTIME_KEYS[key], problems)
+                    if key in ("threads", "workers", "checkpoint_seconds") and isinstance(v, (int, float)) and v < 0:
+                        problems.append(f"{name}.{key}: must be 0 or more, got {v}")
+                    if key == "sparse" and v not in (True, False, "auto", "on", "off"):
+                        problems.append(f"{name}.{key}: expected auto, on or off, got {v!r}")
+            continue
+        out[name] = value
+    return out
+
+
+def from_dict(doc: dict[str, Any], source: str = "params") -> Hparams:
+    """Build and validate Hparams from a nested dict; raises HparamsError listing every problem."""
+    problems: list[str] = []
+    if not isinstance(doc, dict):
+        raise HparamsError([f"expected a mapping of sections, got {type(doc).__name__}"], source)
+    known = section_fields()
+    values: dict[str, Any] = {}
+    for key, value in flatten(_check_sections(doc, problems)).items():
+        if key not in known:
+            section = key.split(".")[0] + "."
+            problems.append(f"{key}: unknown key{_closest(key, [k for k in known if k.startswith(section)])}")
+            continue
+        values[key] = _coerce(key, value, known[key], problems)
+    if problems:
+        raise HparamsError(problems, source)
+
+    def build(cls: type, prefix: str) -> Any:
+        hints = get_type_hints(cls)
+        kwargs = {}
+        for f in fields(cls):
+            k = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(hints[f.name]):
+                kwargs[f.name] = build(hints[f.name], k + ".")
+            elif k in values:
+                kwargs[f.name] = values[k]
+        return cls(**kwargs)
+
+    hp = build(Hparams, "")
+    problems.extend(registry.check(hp))
+    problems.extend(_check_ranges(hp))
+    if problems:
+        raise HparamsError(problems, source)
+    return hp
+
+
+def _check_ranges(hp: Hparams) -> list[str]:
+    p: list[str] = []
+    t, pr = hp.training, hp.pruning
+    for key, v in (
+        ("training.iterations", t.iterations),
+        ("training.batch_size", t.batch_size),
+        ("training.eval_every", t.eval_every),
+        ("training.test_every", t.test_every),
+        ("trials", hp.trials),
+    ):
+        if isinstance(v, int) and v <= 0:
+            p.append(f"{key}: must be a positive integer, got {v}")
+    if t.lr <= 0:
+        p.append(f"training.lr: must be positive, got {t.lr}")
+    if not 0 <= t.momentum < 1:
+        p.append(f"training.momentum: must be in [0, 1), got {t.momentum}")
+    if t.weight_decay < 0:
+        p.append(f"training.weight_decay: must be 0 or more, got {t.weight_decay}")
+    if t.lr_gamma <= 0:
+        p.append(f"training.lr_gamma: must be positive, got {t.lr_gamma}")
+    bad = [m for m in t.lr_milestones if not 0 < m < t.iterations] if t.iterations > 0 else []
+    if bad or list(t.lr_milestones) != sorted(set(t.lr_milestones)):
+        p.append(
+            f"training.lr_milestones: must be increasing iterations in (0, training.iterations={t.iterations}), "
+            f"got {list(t.lr_milestones)}"
+        )
+    for key in ("conv_rate", "fc_rate", "output_rate"):
+        v = getattr(pr, key)
+        if not 0 <= v < 1:
+            p.append(f"pruning.{key}: must be in (0, 1), or 0 to leave that kind of layer dense; got {v}")
+    if not 0 <= hp.model.dropout < 1:
+        p.append(f"model.dropout: must be in [0, 1), got {hp.model.dropout}")
+    if pr.strategy not in ("layerwise", "global"):
+        p.append(f"pruning.strategy: unknown '{pr.strategy}' (valid: layerwise, global)")
+    if pr.schedule not in ("iterative", "oneshot"):
+        p.append(f"pruning.schedule: unknown '{pr.schedule}' (valid: iterative, oneshot)")
+    if pr.rounds < 0:
+        p.append(f"pruning.rounds: must be 0 or more, got {pr.rounds}")
+    if pr.rewind_iteration < 0 or 0 < t.iterations <= pr.rewind_iteration:  # (iterations <= 0 is reported above)
+        p.append(
+            f"pruning.rewind_iteration: must be in [0, training.iterations={t.iterations}), got {pr.rewind_iteration}"
+        )
+    if t.warmup_iterations < 0 or t.warmup_iterations > t.iterations:
+        p.append(f"training.warmup_iterations: must be in [0, training.iterations], got {t.warmup_iterations}")
+    if hp.dataset.validation_size < 1:
+        p.append(f"dataset.validation_size: must be a positive integer, got {hp.dataset.validation_size}")
+    return p
+
+
+def load(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Hparams:
+    """Read a params file, apply `key=value` overrides, validate everything, return Hparams."""
+    path = Path(path)
+    if not path.exists():
+        raise HparamsError([f"{path}: file not found (run from the project root, or pass --params PATH)"])
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise HparamsError([f"{path}: not valid YAML: {e}"]) from e
+    problems = []
+    for o in overrides:
+        try:
+            key, value = parse_override(o)
+        except HparamsError as e:
+            problems.extend(e.problems)
+            continue
+        _set_dotted(doc, key, value)
+    try:  # malformed overrides and the document's problems are reported together
+        hp = from_dict(doc, str(path))
+    except HparamsError as e:
+        raise HparamsError(problems + e.problems, str(path)) from None
+    if problems:
+        raise HparamsError(problems, str(path))
+    return hp
+
+
+def runtime_section(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """The `runtime` section of a params file (device, threads, workers...), validated by `load`; never hashed."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    doc = yaml.safe_load(path.read_text()) or {}
+    return dict(doc.get("runtime") or {}) if isinstance(doc, dict) else {}

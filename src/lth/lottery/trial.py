@@ -1,0 +1,91 @@
+"""One trial: train one network of the experiment (a branch, a round, a trial) and write its outputs."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lth.core import pruning
+from lth.core.checkpoint import Checkpointer, StopRequest
+from lth.core.data import Data
+from lth.core.evaluation import ProgressFn
+from lth.core.hparams import Hparams
+from lth.core.runtime import RuntimeSettings
+from lth.core.training import TrainJob, train
+from lth.lottery.branches import prepare_network, trial_seed
+from lth.lottery.layout import trial_dir, write_outputs
+
+PACKAGE = Path(__file__).resolve().parents[1]  # src/lth
+# The library code a trial runs (package-relative): a change re-runs its DVC stage, and a checkpoint saved
+# by other code is never resumed, so a fix to the loop cannot mix with results of the old one.
+TRAIN_CODE = ("core", "lottery/branches.py", "lottery/layout.py", "lottery/round.py", "lottery/trial.py")
+
+
+def code_fingerprint() -> str:
+    """MD5 of TRAIN_CODE's Python files."""
+    paths = [PACKAGE / name for name in TRAIN_CODE]
+    files = sorted(f for p in paths for f in ([p] if p.suffix == ".py" else p.rglob("*.py")))
+    digest = hashlib.md5()
+    for path in files:
+        digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Trial:
+    """Which network: the experiment, the branch (`ticket` or a control), the round and the trial."""
+
+    hp: Hparams
+    kind: str
+    round_index: int
+    trial: int
+    runs: Path
+
+    @property
+    def out(self) -> Path:
+        return trial_dir(self.runs, self.kind, self.round_index, self.trial)
+
+    @property
+    def round_hash(self) -> str:
+        return self.hp.round_hash(self.round_index, self.trial, self.kind)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} round {self.round_index}" + (f" trial {self.trial}" if self.hp.trials > 1 else "")
+
+    def checkpointer(self, settings: RuntimeSettings) -> Checkpointer | None:
+        if settings.checkpoint_seconds is None:
+            return None
+        key = f"{self.round_hash}-code-{code_fingerprint()[:12]}"
+        return Checkpointer(settings.checkpoint_dir / f"{self.round_hash}.pt", key, settings.checkpoint_seconds)
+
+
+def run_trial(
+    t: Trial, data: Data, settings: RuntimeSettings, progress: ProgressFn | None = None, stop: StopRequest | None = None
+) -> dict[str, Any]:
+    """Train the network of `t` (resuming from its checkpoint) and write its outputs under `t.runs`."""
+    model, mask, start = prepare_network(t.hp, t.runs, t.round_index, t.kind, t.trial)
+    model.to(settings.device)
+    rewind_at = t.hp.pruning.rewind_iteration if (t.round_index == 0 and t.kind == "ticket") else None
+    job = TrainJob(t.hp.training, trial_seed(t.hp, t.trial), mask, start, rewind_at, settings.sparse, t.label)
+    checkpointer = t.checkpointer(settings)
+    result = train(model, data, job, checkpointer, progress, stop)
+    kept, total = pruning.density(mask)
+    metrics = {
+        "round": t.round_index,
+        "trial": t.trial,
+        "kind": t.kind,
+        **result.metrics,
+        "percent_remaining": 100.0 * kept / total,
+        "weights_remaining": kept,
+        "weights_total": total,
+        "mask_md5": pruning.mask_hash(mask),
+        "hash": t.hp.hash,
+    }
+    run_info = {"seconds": result.seconds, "engine": result.engine}
+    write_outputs(t.out, metrics, result.state, mask, result.curve, result.rewind_state, run_info)
+    if checkpointer is not None:
+        checkpointer.remove()
+    return metrics

@@ -1,0 +1,121 @@
+"""Reproducibility check (`lth verify`): re-run one recorded round and compare.
+
+The round is re-trained from its recorded inputs (the earlier rounds' outputs and the prepared data in
+the workspace) inside a temporary directory, with checkpoints and MLflow off, so nothing in the
+workspace changes. Training is deterministic on a given device and PyTorch version, so the mask, the
+final weights, the learning curve and every metric must match the recorded ones exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lth.core import pruning
+from lth.core.data import load_prepared, prepared_path
+from lth.core.hparams import Hparams
+from lth.core.registry import build_model
+from lth.core.runtime import RuntimeSettings
+from lth.lottery.layout import OUTPUT_FILES, load_mask, load_tensors, read_metrics, trial_dir
+from lth.lottery.trial import Trial, run_trial
+
+
+class VerifyError(RuntimeError):
+    """The recorded outputs cannot be checked (missing, or made with other hyperparameters)."""
+
+
+def weights_md5(path: Path) -> str:
+    """MD5 of a weights file's tensors (names, dtypes, shapes, values): independent of pickle layout."""
+    h = hashlib.md5()
+    for name, t in sorted(load_tensors(path, "weights").items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _link_inputs(runs: Path, tmp_runs: Path, target: Path) -> None:
+    """Every recorded trial except the target, linked (read-only use) into the temporary runs/."""
+    for d in sorted(Path(runs).glob("*/round_*/trial_*")):
+        rel = d.relative_to(runs)
+        if d.resolve() == target.resolve():
+            continue
+        (tmp_runs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_runs / rel).symlink_to(d.resolve(), target_is_directory=True)
+
+
+def verify(
+    hp: Hparams,
+    round_index: int,
+    kind: str,
+    trial: int,
+    runs: Path,
+    data_dir: Path,
+    settings: RuntimeSettings,
+    echo: Callable[[str], None] = print,
+) -> bool:
+    """Re-run one trained network from its recorded inputs; True when everything matches exactly."""
+    recorded = trial_dir(runs, kind, round_index, trial)
+    missing = [n for n in OUTPUT_FILES if not (recorded / n).exists()]
+    if missing:
+        raise VerifyError(f"{recorded}: no recorded {', '.join(missing)}; run `dvc repro` (or `lth run`) first.")
+    old_metrics = read_metrics(recorded)
+    if old_metrics.get("hash") != hp.hash:
+        raise VerifyError(
+            f"{recorded} was made with other hyperparameters (hash {old_metrics.get('hash')}, "
+            f"params.yaml gives {hp.hash}); `dvc repro` or `dvc exp apply` the matching ones first."
+        )
+    label = f"{kind} round {round_index} trial {trial}"
+    echo(f"lth verify: re-running {label} from its recorded inputs in a temporary directory")
+    data = load_prepared(prepared_path(data_dir, hp.dataset), hp.dataset).to(settings.device)
+    # The thread count the round's stage used (its trials shared the cores): threads change the last bits.
+    torch.set_num_threads(settings.threads_for(hp.model.name, settings.workers_for(hp.trials)))
+    with tempfile.TemporaryDirectory(prefix="lth-verify-") as tmp:
+        tmp_runs = Path(tmp) / "runs"
+        _link_inputs(runs, tmp_runs, recorded)
+        run_trial(Trial(hp, kind, round_index, trial, tmp_runs), data, settings.without_checkpoints())
+        fresh = trial_dir(tmp_runs, kind, round_index, trial)
+        new_metrics = read_metrics(fresh)
+        checks = [
+            ("mask md5 (metrics.json)", old_metrics.get("mask_md5"), new_metrics["mask_md5"]),
+            (
+                "mask md5 (mask.pt)",
+                pruning.mask_hash(load_mask(build_model(hp), recorded / "mask.pt")),
+                new_metrics["mask_md5"],
+            ),
+            ("final weights md5", weights_md5(recorded / "final.pt"), weights_md5(fresh / "final.pt")),
+            (
+                "curve.csv md5",
+                hashlib.md5((recorded / "curve.csv").read_bytes()).hexdigest(),
+                hashlib.md5((fresh / "curve.csv").read_bytes()).hexdigest(),
+            ),
+        ]
+        if (fresh / "rewind.pt").exists():
+            checks.append(
+                (
+                    "rewind weights md5",
+                    weights_md5(recorded / "rewind.pt") if (recorded / "rewind.pt").exists() else None,
+                    weights_md5(fresh / "rewind.pt"),
+                )
+            )
+        checks += [
+            (f"metrics.json {k}", old_metrics.get(k), new_metrics.get(k))
+            for k in sorted(set(old_metrics) | set(new_metrics))
+        ]
+    bad = [(what, old, new) for what, old, new in checks if old != new]
+    for what, old, new in bad:
+        echo(f"  MISMATCH {what}: recorded {old!r}, re-run {new!r}")
+    if bad:
+        echo(
+            f"lth verify: FAIL: {label} does not reproduce ({len(bad)} of {len(checks)} checks differ). "
+            f"Its recorded outputs in {recorded} were changed, or made with other code, device or PyTorch."
+        )
+        return False
+    echo(
+        f"lth verify: PASS: {label} reproduces exactly ({len(checks)} checks: mask {new_metrics['mask_md5']}, "
+        f"final weights, curve, every metric)"
+    )
+    return True

@@ -1,0 +1,180 @@
+"""`lth run -j N`: run the pipeline's independent stages side by side, each through DVC.
+
+`dvc repro` runs one stage at a time. A LeNet round is one thread's work (a second thread is slower, see
+docs/performance.md), so on a 2-core machine the controls of round k and the ticket of round k+1, or the
+rounds of a one-shot experiment, can run together. Each stage still runs as `dvc repro --single-item`, so
+DVC records, caches and skips it exactly as a plain `dvc repro` would; DVC releases its repo lock while a
+stage's command runs, and `--wait-for-lock` makes the short locked phases of two stages wait for each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+import torch
+import yaml
+
+from lth.core.runtime import FC_MODELS, RuntimeSettings, cpu_count
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def stage_graph(dvc_yaml: Path = Path("dvc.yaml")) -> dict[str, set[str]]:
+    """Every stage of dvc.yaml, in file order, with the stages whose outputs it depends on."""
+    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    producer = {}
+    for name, stage in stages.items():
+        for out in stage.get("outs", []):
+            producer[(out if isinstance(out, str) else next(iter(out))).rstrip("/")] = name
+    graph = {}
+    for name, stage in stages.items():
+        deps = {d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])}
+        graph[name] = {
+            producer[o]
+            for d in deps
+            for o in producer
+            if d.rstrip("/") == o or d.startswith(o + "/") or o.startswith(d.rstrip("/") + "/")
+        }
+        graph[name].discard(name)
+    return graph
+
+
+def stale_stages(graph: dict[str, set[str]], env: dict[str, str] | None = None) -> list[str]:
+    """The stages that `dvc repro` would run: those `dvc status` reports changed, and everything downstream."""
+    proc = subprocess.run([*DVC, "status", "--json"], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`dvc status` failed:\n{proc.stderr.strip()}")
+    changed = set(json.loads(proc.stdout or "{}")) & set(graph)
+    grew = True
+    while grew:
+        downstream = {s for s, deps in graph.items() if deps & changed} - changed
+        changed |= downstream
+        grew = bool(downstream)
+    return [s for s in graph if s in changed]
+
+
+# DVC's hints after every stage, said once at the end instead.
+_HINTS = (
+    "To track the changes with git",
+    "git add ",
+    "To enable auto staging",
+    "dvc config core.autostage",
+    "Use `dvc push` to send",
+)
+
+
+def width(graph: dict[str, set[str]], todo: list[str]) -> int:
+    """How many of `todo` could run at once, by levels: a stage's level is one more than its deepest
+    upstream stage in `todo` (1 for a chain, 2 for a ticket chain with one control)."""
+    level: dict[str, int] = {}
+    for stage in todo:  # dvc.yaml order is a topological order
+        level[stage] = 1 + max((level[d] for d in graph[stage] if d in level), default=0)
+    counts: dict[int, int] = {}
+    for lv in level.values():
+        counts[lv] = counts.get(lv, 0) + 1
+    return max(counts.values(), default=0)
+
+
+def _relay(stream: IO[str], prefix: str, lock: threading.Lock) -> None:
+    """Copy a stage's output line by line, each line prefixed with the stage's name."""
+    for line in stream:
+        if not line.strip() or line.strip().startswith(_HINTS):
+            continue
+        with lock:
+            sys.stderr.write(f"[{prefix}] {line}")
+            sys.stderr.flush()
+
+
+def repro(
+    graph: dict[str, set[str]],
+    todo: list[str],
+    jobs: int,
+    env: dict[str, str] | None = None,
+    say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+) -> int:
+    """Run `todo` (in dependency order) as `dvc repro --single-item`, up to `jobs` at a time, each stage once
+    all its upstream stages in `todo` have succeeded. A failing stage stops new launches; running ones
+    finish (their results are kept). Ctrl-C reaches every stage, which checkpoints and exits. Returns the
+    exit code: 0, or the first failure's."""
+    pending, done = list(todo), set(graph) - set(todo)
+    running: dict[str, subprocess.Popen] = {}
+    relays: list[threading.Thread] = []
+    lock = threading.Lock()
+    failed: tuple[str, int] | None = None
+    started: dict[str, float] = {}
+    try:
+        while running or (pending and failed is None):
+            ready = [s for s in pending if graph[s] <= done]
+            while failed is None and ready and len(running) < jobs:
+                stage = ready.pop(0)
+                pending.remove(stage)
+                started[stage] = time.perf_counter()
+                running[stage] = subprocess.Popen(
+                    [*DVC, "--wait-for-lock", "repro", "--single-item", stage],
+                    env=env,
+                    text=True,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                )
+                relay = threading.Thread(target=_relay, args=(running[stage].stdout, stage, lock), daemon=True)
+                relay.start()
+                relays.append(relay)
+                say(
+                    f"lth: started {stage} ({len(done & set(todo))} of {len(todo)} done; running: {', '.join(running)})"
+                )
+            time.sleep(0.1)
+            for stage, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[stage]
+                if proc.returncode == 0:
+                    done.add(stage)
+                    say(f"lth: finished {stage} in {time.perf_counter() - started[stage]:.0f} s")
+                elif failed is None:
+                    failed = (stage, proc.returncode)
+                    say(
+                        f"lth: {stage} failed (exit code {proc.returncode}); its output is above. "
+                        + (f"Waiting for {', '.join(running)} to finish; " if running else "")
+                        + "finished stages are kept: fix the cause and run `lth run` again."
+                    )
+    except KeyboardInterrupt:
+        say("lth: interrupted; every running stage saves a checkpoint and exits. `lth run` resumes.")
+        for proc in running.values():
+            proc.wait()
+        return 130
+    finally:
+        for relay in relays:
+            relay.join(timeout=5)
+    if failed is not None:
+        return failed[1]
+    if todo:
+        say("lth: all stages done; `git add dvc.lock` and commit to record them, `dvc push` to share them.")
+    return 0
+
+
+def child_env(jobs: int, model_name: str, settings: RuntimeSettings) -> dict[str, str]:
+    """The environment of the stage processes: with several at once, line-based progress (bars would
+    overwrite each other) and the cores shared out, unless the user set LTH_THREADS / LTH_WORKERS."""
+    env = dict(os.environ)
+    if jobs > 1:
+        env["CI"] = env.get("CI") or "1"
+        env.setdefault("LTH_THREADS", str(settings.threads_for(model_name, jobs)))
+        env.setdefault("LTH_WORKERS", str(max(1, cpu_count() // jobs)))
+    return env
+
+
+def auto_jobs(model_name: str) -> int:
+    """Stages side by side by default: one per core for fully connected networks, which use one thread
+    each; one for the others, whose single process already uses every core (and whose last bits could
+    otherwise depend on the thread split)."""
+    if torch.cuda.is_available() or model_name not in FC_MODELS:
+        return 1
+    return cpu_count()

@@ -1,0 +1,44 @@
+"""What every DVC stage script shares: params and runtime settings resolved once, and errors as one line.
+
+The library raises; a stage prints one `lth:` line naming the problem and the fix, and exits 1 (or
+128 + signal after a Ctrl-C or SIGTERM, with a checkpoint saved), never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lth.core import config, runtime
+from lth.core.checkpoint import Stopped
+from lth.core.hparams import Hparams
+from lth.core.runtime import RuntimeSettings
+from lth.pipeline.workspace import checkpoint_dir
+
+# Errors a user can cause (bad params, settings, data or files) and fix; anything else is a bug: traceback.
+USER_ERRORS = (config.HparamsError, runtime.SettingsError, ValueError, OSError, RuntimeError, FloatingPointError)
+
+
+@dataclass(frozen=True)
+class StageContext:
+    hp: Hparams
+    settings: RuntimeSettings
+
+
+def load(params: str | Path = "params.yaml") -> StageContext:
+    """The experiment's hyperparameters and runtime settings, validated and resolved once."""
+    hp = config.load(params)
+    return StageContext(hp, runtime.resolve(config.runtime_section(params), checkpoint_dir()))
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a stage's body; a user error or a stop request becomes one line and an exit status."""
+    try:
+        main()
+    except Stopped as e:
+        print(f"lth: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
+    except USER_ERRORS as e:
+        raise SystemExit(f"lth: {e}") from None

@@ -1,0 +1,2 @@
+"""Reading results back: aggregation into DVC metrics and plot data, figures, the HTML report, comparing
+experiments and sweeps."""

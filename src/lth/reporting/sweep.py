@@ -1,0 +1,185 @@
+"""Aggregate a sweep run as DVC experiments (`dvc exp run --queue -S training.lr=...`, `dvc queue start`).
+
+`dvc exp show --json` gives each experiment's params.yaml and results/metrics.json (written by the
+evaluate stage and committed in the experiment). This module turns them into one table (CSV) and one
+figure: test accuracy at early stop against percent of weights remaining, one curve per value of the
+swept hyperparameter(s), log x axis reversed as in the paper.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lth.core.config import RUNTIME_SECTIONS
+from lth.core.hparams import flatten
+from lth.reporting.figures import percent_axis
+
+METRICS_FILE = "results/metrics.json"
+COLUMNS = ("percent_remaining", "test_accuracy_at_early_stop", "early_stop_iteration", "test_accuracy_final")
+
+
+class SweepError(RuntimeError):
+    pass
+
+
+@dataclass
+class Experiment:
+    name: str  # DVC experiment name (or the branch/commit of a baseline)
+    rev: str
+    params: dict[str, Any]  # flat hyperparameters (runtime settings left out)
+    metrics: dict[str, Any]  # results/metrics.json
+
+
+def exp_show(repo: Path = Path("."), all_commits: bool = False) -> list[dict[str, Any]]:
+    """`dvc exp show --json` of the repo (DVC's own command, so the output is the documented one)."""
+    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json", *(["-A"] if all_commits else [])]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SweepError(
+            f"`dvc exp show --json` failed in {Path(repo).resolve()}: {proc.stderr.strip()}\n"
+            "Run `lth sweep` from the project root (a git + DVC repo)."
+        )
+    return json.loads(proc.stdout or "[]")
+
+
+def _experiment(entry: dict[str, Any], name: str) -> Experiment | None:
+    data = entry.get("data") or {}
+    doc = (data.get("metrics") or {}).get(METRICS_FILE, {}).get("data")
+    params = (data.get("params") or {}).get("params.yaml", {}).get("data")
+    if not doc or not params:
+        return None
+    flat = {k: v for k, v in flatten(params).items() if k.split(".")[0] not in RUNTIME_SECTIONS}
+    return Experiment(name, entry.get("rev", ""), flat, doc)
+
+
+def experiments(show: list[dict[str, Any]]) -> tuple[list[Experiment], list[str]]:
+    """(experiments with results, names of those without: queued, failed or not evaluated). Baseline commits
+    count as experiments; the workspace does not (it repeats the last experiment applied to it)."""
+    found, skipped = [], []
+    for baseline in show:
+        if baseline.get("rev") == "workspace":
+            continue
+        entries = [(baseline, baseline.get("name") or baseline.get("rev", "")[:7])]
+        for group in baseline.get("experiments") or []:
+            for rev in group.get("revs") or []:
+                entries.append((rev, rev.get("name") or rev.get("rev", "")[:7]))
+        for entry, name in entries:
+            exp = _experiment(entry, name)
+            if exp is None:
+                skipped.append(name)
+            else:
+                found.append(exp)
+    return found, skipped
+
+
+def swept_keys(exps: list[Experiment]) -> list[str]:
+    """Hyperparameters that differ between experiments (pruning.rounds aside)."""
+    keys = sorted({k for e in exps for k in e.params} - {"pruning.rounds"})
+    return [k for k in keys if len({json.dumps(e.params.get(k)) for e in exps}) > 1]
+
+
+def rows(exps: list[Experiment], keys: list[str], kind: str = "ticket") -> list[dict[str, Any]]:
+    out = []
+    for e in exps:
+        for round_name, m in sorted((e.metrics.get(kind) or {}).items()):
+            out.append(
+                {
+                    "experiment": e.name,
+                    "rev": e.rev[:7],
+                    **{k: e.params.get(k) for k in keys},
+                    "round": int(round_name.removeprefix("round_")),
+                    **{c: m.get(c) for c in COLUMNS},
+                }
+            )
+    return out
+
+
+def write_csv(table: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+
+
+def format_table(table: list[dict[str, Any]]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    header = list(table[0])
+    cells = [header] + [[fmt(r[h]) for h in header] for r in table]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
+
+
+def label(exp: Experiment, keys: list[str]) -> str:
+    return ", ".join(f"{k}={exp.params.get(k)}" for k in keys) or exp.name
+
+
+def plot(exps: list[Experiment], keys: list[str], path: Path, kind: str = "ticket") -> Path:
+    """Test accuracy at early stop against percent remaining, one curve per experiment (value of `keys`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ordered = sorted(
+        exps,
+        key=lambda e: [
+            (0, v, "") if isinstance(v, (int, float)) else (1, 0, json.dumps(v))
+            for v in (e.params.get(k) for k in keys)
+        ],
+    )
+    for e in ordered:
+        rounds = sorted((e.metrics.get(kind) or {}).values(), key=lambda m: -m["percent_remaining"])
+        ax.plot(
+            [m["percent_remaining"] for m in rounds],
+            [m["test_accuracy_at_early_stop"] for m in rounds],
+            "o-",
+            markersize=3,
+            label=label(e, keys),
+        )
+    percent_axis(ax, [m["percent_remaining"] for e in exps for m in (e.metrics.get(kind) or {}).values()])
+    ax.set_ylabel("test accuracy at early stop")
+    ax.set_title(f"Sweep over {', '.join(keys)}" if keys else "Experiments")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def sweep(
+    show: list[dict[str, Any]], out: Path, param: tuple[str, ...] = (), kind: str = "ticket"
+) -> tuple[str, Path, Path, list[str]]:
+    """Write <out>.csv and <out>.png; returns (printed table, csv path, png path, skipped experiments)."""
+    exps, skipped = experiments(show)
+    if not exps:
+        raise SweepError(
+            "no experiment with results/metrics.json: run some first, e.g. "
+            "`dvc exp run --queue -S training.lr=3e-4` then `dvc queue start` "
+            f"(skipped: {', '.join(skipped) or 'none'})"
+        )
+    keys = list(param) or swept_keys(exps)
+    unknown = [k for k in keys if all(k not in e.params for e in exps)]
+    if unknown:
+        raise SweepError(
+            f"--param {', '.join(unknown)}: not a hyperparameter of these experiments "
+            f"(swept here: {', '.join(swept_keys(exps)) or 'nothing'})"
+        )
+    table = rows(exps, keys, kind)
+    if not table:
+        raise SweepError(f"no '{kind}' results in the experiments' metrics (kinds: ticket, reinit, random_pruning)")
+    csv_path, png_path = out.with_suffix(".csv"), out.with_suffix(".png")
+    write_csv(table, csv_path)
+    plot(exps, keys, png_path, kind)
+    return format_table(table), csv_path, png_path, skipped

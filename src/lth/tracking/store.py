@@ -1,0 +1,116 @@
+"""The MLflow store: where it is, one client per process, experiments by hash, reading runs back.
+
+The store defaults to `sqlite:///<repo root>/mlflow.db` with artifacts in `<repo root>/mlartifacts`,
+where the repo root is the real one even inside `dvc exp run` workspaces (.dvc/tmp/exps/...).
+Set MLFLOW_TRACKING_URI to share one server across clones. Logging failures never lose results:
+the DVC outputs are written first, and `lth sync-mlflow` replays what MLflow lacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lth.core.hparams import Hparams
+from lth.pipeline.workspace import repo_root
+
+T = TypeVar("T")
+
+TAG_HASH = "lth.hash"  # experiment identity: MD5 of the canonical hyperparameters
+TAG_ROUND_HASH = "lth.round_hash"  # identity of one trained network (experiment, round, trial, kind)
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}  # a user's own settings win
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def experiment_name(hp: Hparams) -> str:
+    return f"lth/{hp.short_name}"
+
+
+def retry(fn: Callable[[], T], attempts: int = 8) -> T:
+    """sqlite stores raise 'database is locked' under concurrent writers: back off and retry."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # mlflow wraps sqlite errors in several exception types
+            if "locked" not in str(e).lower() or i == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**i)
+    return None
+
+
+class Tracker:
+    """One MLflow client per process (importing mlflow and opening the store is paid once)."""
+
+    def __init__(self, uri: str | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri or tracking_uri()
+        if self.uri.startswith(("http:", "https:")):
+            # MLflow's defaults (7 retries, exponential backoff, 120 s timeout) hang a stage for minutes when
+            # the server is down; fail within seconds instead (results are on disk; `lth sync-mlflow` replays).
+            for name, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(name, value)
+        mlflow.set_tracking_uri(self.uri)
+        if self.uri.startswith("sqlite:///"):
+            # Opening a new sqlite store creates and migrates its tables; parallel stages (`dvc queue start
+            # -j 2`) would race to do it ("table ... already exists", "duplicate column"): one at a time.
+            from filelock import FileLock
+
+            db = Path(self.uri.removeprefix("sqlite:///"))
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(db.with_name(f".{db.name}.lock"))):
+                self.client = retry(lambda: MlflowClient(self.uri))
+        else:
+            self.client = MlflowClient(self.uri)
+
+    def experiment_id(self, hp: Hparams) -> str:
+        name = experiment_name(hp)
+        exp = retry(lambda: self.client.get_experiment_by_name(name))
+        if exp is not None:
+            return exp.experiment_id
+        artifacts = None
+        if self.uri.startswith("sqlite:"):
+            artifacts = (repo_root() / "mlartifacts").as_uri()
+        try:
+            return retry(
+                lambda: self.client.create_experiment(
+                    name, artifact_location=artifacts, tags={TAG_HASH: hp.hash, "lth.model": hp.model.name}
+                )
+            )
+        except Exception:  # created by a concurrent process in between
+            exp = retry(lambda: self.client.get_experiment_by_name(name))
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def logged_round_hashes(self, hp: Hparams) -> set[str]:
+        exp = self.client.get_experiment_by_name(experiment_name(hp))
+        if exp is None:
+            return set()
+        runs = self.client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=50000)
+        return {r.data.tags.get(TAG_ROUND_HASH) for r in runs}
+
+    def find_runs(self, experiment_hash: str) -> list[Any]:
+        """Every run (any experiment) tagged with this experiment hash."""
+        exps = self.client.search_experiments(filter_string=f"tags.`{TAG_HASH}` = '{experiment_hash}'")
+        if not exps:
+            return []
+        return self.client.search_runs(
+            [e.experiment_id for e in exps], max_results=50000, order_by=["tags.`lth.kind`", "tags.`lth.round`"]
+        )
+
+
+def warn(message: str) -> None:
+    print(f"lth: WARNING: {message}", file=sys.stderr, flush=True)
