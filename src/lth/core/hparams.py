@@ -7,7 +7,7 @@ existed when lth first published hashes (`HASH_FORMAT_1`) are hashed at every va
 hashes, and the results recorded under them, valid.
 
 The hash names the IMP trajectory (data, model, training, pruning, trials). It leaves out
-`pruning.rounds` (more rounds extend a trajectory) and `controls.*`: a control (random reinit, random
+`pruning.rounds` (more rounds extend a trajectory) and holds `controls.*` at their defaults: a control (random reinit, random
 pruning) is a branch of a trained trajectory, identified by the trajectory hash and its kind, so
 switching one on never re-keys the ticket. Reading and validating params files is `lth.core.config`.
 """
@@ -84,7 +84,7 @@ class Hparams:
 
     def canonical(self) -> str:
         """The IMP trajectory's identity as one string: sorted JSON of the hashed fields (see the module
-        docstring). Controls are branches of the trajectory, so their switches are left out."""
+        docstring). Controls are branches of the trajectory: their switches are held at their defaults."""
         trajectory = dataclasses.replace(self, controls=ControlHparams())
         flat = flatten(trajectory.to_dict())
         hashed = {k: v for k, v in flat.items() if k not in UNHASHED and (k in HASH_FORMAT_1 or v != DEFAULTS[k])}
@@ -129,8 +129,8 @@ def section_fields(cls: type = Hparams, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# Never hashed: more rounds extend a trajectory; controls are branches with their own kind in `round_hash`.
-UNHASHED = frozenset({"pruning.rounds", "controls.random_reinit", "controls.random_pruning"})
+# Never hashed: more rounds extend a trajectory.
+UNHASHED = frozenset({"pruning.rounds"})
 # Every field of hash format 1 (lth up to 2026-11): hashed at any value, so the hashes of that time hold.
 HASH_FORMAT_1 = frozenset(
     [f"dataset.{k}" for k in ("name", "validation_size", "split_seed", "augment")]
@@ -156,6 +156,6 @@ HASH_FORMAT_1 = frozenset(
         f"pruning.{k}"
         for k in ("strategy", "schedule", "conv_rate", "fc_rate", "output_rate", "exclude", "rewind_iteration")
     ]
-    + ["trials"]
+    + ["controls.random_reinit", "controls.random_pruning", "trials"]  # controls: always at their defaults
 )
 DEFAULTS = flatten(Hparams().to_dict())
