@@ -1,10 +1,14 @@
 """DVC stage: load the raw dataset, hold out the validation set, save the splits as tensors."""
 
-from pathlib import Path
+from lth.pipeline import numerics
 
-from lth.core.data import data_root, prepare, prepared_path
-from lth.pipeline import stage
-from lth.pipeline.workspace import DATA_DIR
+numerics.pin()  # before torch is imported: ATen, MKL and oneDNN choose their kernels at start-up
+
+from pathlib import Path  # noqa: E402
+
+from lth.core.data import data_root, prepare, prepared_path  # noqa: E402
+from lth.pipeline import stage  # noqa: E402
+from lth.pipeline.workspace import DATA_DIR  # noqa: E402
 
 
 def main() -> None:

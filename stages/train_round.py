@@ -1,14 +1,18 @@
 """DVC stage: train every trial of one round (the ticket of IMP round k, or one of its controls), write
 their outputs, then log them to MLflow."""
 
-import argparse
-from pathlib import Path
+from lth.pipeline import numerics
 
-from lth.lottery.layout import KINDS, trial_dir
-from lth.lottery.round import run_round
-from lth.pipeline import render, stage
-from lth.pipeline.workspace import DATA_DIR, RUNS_DIR
-from lth.tracking.writer import log_finished
+numerics.pin()  # before torch is imported: ATen, MKL and oneDNN choose their kernels at start-up
+
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from lth.lottery.layout import KINDS, trial_dir  # noqa: E402
+from lth.lottery.round import run_round  # noqa: E402
+from lth.pipeline import render, stage  # noqa: E402
+from lth.pipeline.workspace import DATA_DIR, RUNS_DIR  # noqa: E402
+from lth.tracking.writer import log_finished  # noqa: E402
 
 
 def main() -> None:

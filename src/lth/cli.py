@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
+from lth.pipeline import numerics
 
-import click
+numerics.pin()  # before torch is imported (lth verify re-trains): see lth.pipeline.numerics
 
-from lth import __version__
-from lth.core import config
-from lth.core.hparams import Hparams
-from lth.pipeline import render, stage
-from lth.pipeline.workspace import DATA_DIR, RESULTS_DIR, RUNS_DIR
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import click  # noqa: E402
+
+from lth import __version__  # noqa: E402
+from lth.core import config  # noqa: E402
+from lth.core.hparams import Hparams  # noqa: E402
+from lth.lottery.layout import KINDS  # noqa: E402
+from lth.pipeline import render, stage  # noqa: E402
+from lth.pipeline.workspace import DATA_DIR, RESULTS_DIR, RUNS_DIR  # noqa: E402
 
 PARAMS_OPTION = click.option(
     "--params",
@@ -84,7 +89,12 @@ def run_cmd(params_path: str, jobs: int, dvc_args: tuple[str, ...]) -> None:
     from lth.pipeline import schedule
 
     hp = load_or_exit(params_path)
-    render.write(hp)
+    if render.write(hp):  # only when the stage structure changed (rounds, controls, schedule)
+        click.echo(
+            f"lth: dvc.yaml re-rendered: its stages now follow params.yaml (pruning.rounds={hp.pruning.rounds}, "
+            f"controls: {', '.join(render.control_kinds(hp)) or 'none'}); commit it with dvc.lock",
+            err=True,
+        )
     if jobs > 1 and dvc_args:
         raise click.UsageError(
             f"extra dvc repro arguments ({' '.join(dvc_args)}) work with one job only: drop them or pass -j 1"
@@ -211,7 +221,7 @@ def sync_mlflow_cmd(params_path: str, overrides: tuple[str, ...]) -> None:
 @main.command("verify")
 @PARAMS_OPTION
 @click.option("--round", "round_index", type=int, default=None, help="round to re-run [default: the last]")
-@click.option("--kind", type=click.Choice(["ticket", "reinit", "random_pruning"]), default="ticket", show_default=True)
+@click.option("--kind", type=click.Choice(KINDS), default="ticket", show_default=True)
 @click.option("--trial", type=int, default=0, show_default=True)
 def verify_cmd(params_path: str, round_index: int | None, kind: str, trial: int) -> None:
     """Re-run one round from its recorded inputs in a temporary directory and compare it with the recorded
@@ -242,7 +252,7 @@ def verify_cmd(params_path: str, round_index: int | None, kind: str, trial: int)
 @PARAMS_OPTION
 @click.option(
     "--kind",
-    type=click.Choice(["ticket", "reinit", "random_pruning"]),
+    type=click.Choice(KINDS),
     default="ticket",
     show_default=True,
     help="which networks to tabulate: the winning ticket or a control",
@@ -284,23 +294,24 @@ def compare_cmd(
     default=None,
     help="output file [default: exports/<experiment>-round_<k>-trial_<t>.pt]",
 )
+@click.option("--force", is_flag=True, help="replace an existing --out file that is not an earlier export")
 def export_cmd(
-    params_path: str, overrides: tuple[str, ...], round_index: int | None, trial: int, out: str | None
+    params_path: str, overrides: tuple[str, ...], round_index: int | None, trial: int, out: str | None, force: bool
 ) -> None:
     """Export the winning ticket of a round as one file for plain PyTorch: the mask and the masked rewound
     weights, with the model name, hyperparameters and hash.
 
     \b
     Load it with:
-      ticket = torch.load(PATH, weights_only=True)
-      model.load_state_dict(ticket["state_dict"])   # pruned weights are 0; ticket["mask"] says which
+      from lth.lottery import export
+      model, mask, ticket = export.load(PATH)   # pruned weights are 0; mask says which
     """
     from lth.lottery import export
 
     hp = load_or_exit(params_path, overrides)
     round_index = hp.pruning.rounds if round_index is None else round_index
     try:
-        path, doc = export.export(hp, round_index, Path(out) if out else None, trial, Path(RUNS_DIR))
+        path, doc = export.export(hp, round_index, Path(out) if out else None, trial, Path(RUNS_DIR), force)
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(
@@ -382,7 +393,7 @@ def report_cmd(params_path: str, out: str | None) -> None:
     metavar="KEY",
     help="the swept hyperparameter(s) [default: every one that differs between experiments]",
 )
-@click.option("--kind", type=click.Choice(["ticket", "reinit", "random_pruning"]), default="ticket", show_default=True)
+@click.option("--kind", type=click.Choice(KINDS), default="ticket", show_default=True)
 @click.option("--all-commits", "-A", is_flag=True, help="experiments of every commit, not only of HEAD")
 def sweep_cmd(out: str, params: tuple[str, ...], kind: str, all_commits: bool) -> None:
     """Aggregate the DVC experiments of this repo (a sweep) into one table and one figure: test accuracy at

@@ -101,6 +101,8 @@ RUNTIME_KEYS: dict[str, Any] = {
     "quiet": bool,
     "checkpoint_seconds": float,
     "sparse": str | bool,
+    "numerics": str,
+    "deterministic": bool,
 }
 
 
@@ -130,6 +132,10 @@ def _check_sections(doc: dict[str, Any], problems: list[str]) -> dict[str, Any]:
                         problems.append(f"{name}.{key}: must be 0 or more, got {v}")
                     if key == "sparse" and v not in (True, False, "auto", "on", "off"):
                         problems.append(f"{name}.{key}: expected auto, on or off, got {v!r}")
+                    if key == "numerics" and v not in ("portable", "native"):
+                        problems.append(f"{name}.{key}: expected portable or native, got {v!r}")
+                    if key == "device" and isinstance(v, str) and v.split(":")[0] not in ("auto", "cpu", "cuda"):
+                        problems.append(f"{name}.{key}: expected auto, cpu or cuda (cuda:N), got {v!r}")
             continue
         out[name] = value
     return out

@@ -7,9 +7,9 @@ existed when lth first published hashes (`HASH_FORMAT_1`) are hashed at every va
 hashes, and the results recorded under them, valid.
 
 The hash names the IMP trajectory (data, model, training, pruning, trials). It leaves out
-`pruning.rounds` (more rounds extend a trajectory) and holds `controls.*` at their defaults: a control (random reinit, random
-pruning) is a branch of a trained trajectory, identified by the trajectory hash and its kind, so
-switching one on never re-keys the ticket. Reading and validating params files is `lth.core.config`.
+`pruning.rounds` (more rounds extend a trajectory) and holds `controls.*` at their defaults: a control
+(random reinit, random pruning) is a branch of a trained trajectory, identified by the trajectory hash
+and its kind, so switching one on never re-keys the ticket. Reading and validating params files is `lth.core.config`.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from lth.core.sparse import SETTINGS as SPARSE_SETTINGS
 # Networks whose every layer is fully connected: at batch 60 a second thread gains little on an idle machine
 # and costs up to 16x on a busy one (OpenMP threads wait for each other), see docs/performance.md.
 FC_MODELS = ("lenet_300_100", "xor")
+NUMERICS = ("portable", "native")
 
 
 class SettingsError(ValueError):
@@ -33,6 +34,8 @@ class RuntimeSettings:
     checkpoint_seconds: float | None = 60.0  # None: no checkpoints and no resuming (`lth verify`)
     sparse: str = "auto"
     checkpoint_dir: Path = Path(".lth/checkpoints")
+    numerics: str = "portable"  # portable | native CPU kernels (lth.pipeline.numerics pins them at start-up)
+    deterministic: bool = False  # torch.use_deterministic_algorithms and cuDNN's deterministic flags (GPU)
 
     def workers_for(self, trials: int) -> int:
         """min(trials, CPU cores) on CPU and 1 on CUDA unless set; never more than the trials."""
@@ -78,6 +81,9 @@ def resolve(section: dict[str, Any], checkpoint_dir: Path, env: dict[str, str] |
         raise SettingsError(
             f"{source}={sparse!r} is not a sparse-kernel setting; use one of {', '.join(SPARSE_SETTINGS)}."
         )
+    numerics, source = pick("numerics")
+    if (numerics or "portable") not in NUMERICS:
+        raise SettingsError(f"{source}={numerics!r} is not a numerics mode; use portable or native.")
     seconds, source = pick("checkpoint_seconds")
     checkpoint_dir = env.get("LTH_CHECKPOINT_DIR") or checkpoint_dir
     return RuntimeSettings(
@@ -88,6 +94,8 @@ def resolve(section: dict[str, Any], checkpoint_dir: Path, env: dict[str, str] |
         checkpoint_seconds=60.0 if seconds is None else _seconds(seconds, source),
         sparse=sparse,
         checkpoint_dir=Path(checkpoint_dir),
+        numerics=numerics or "portable",
+        deterministic=bool(section.get("deterministic", False)),
     )
 
 

@@ -8,6 +8,7 @@ and the sparse training view (`TrainingView`) are collaborators; the loop only t
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from lth.core.data import Data, augment_batch
 from lth.core.evaluation import EarlyStopping, ProgressFn, loss_fn, snapshot
 from lth.core.hparams import TrainingHparams
 from lth.core.pruning import Mask
-from lth.core.sparse import TrainingView
+from lth.core.sparse import TrainingView, use_sparse
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,95 @@ def batch(data: Data, job: TrainJob, iteration: int, order: torch.Tensor) -> tup
     return x, y
 
 
+class _Run:
+    """The loop's state and bookkeeping: resuming, evaluating, checkpointing, stopping, the result."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Data,
+        job: TrainJob,
+        checkpointer: Checkpointer | None,
+        progress: ProgressFn | None,
+    ):
+        self.model, self.job, self.checkpointer = model, job, checkpointer
+        self.device = next(model.parameters()).device
+        self.early = EarlyStopping(data, job.hp, progress)
+        self.state = {
+            "iteration": job.start_iteration,
+            "rewind_state": None,
+            "loss_count": 0,
+            "loss_sum": torch.zeros((), device=self.device),
+            "seconds": {"train": 0.0, "eval": 0.0},
+        }
+        engine = "sparse" if use_sparse(model, job.mask, self.device, job.sparse) else "dense"
+        ck = checkpointer.load(self.device, engine) if checkpointer else None
+        if ck is not None:
+            model.load_state_dict(ck["model"])
+        self.view = TrainingView(model, job.mask, self.device, job.sparse)
+        self.optimizer = make_optimizer(self.view.net, job.hp)
+        if ck is not None:
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.early.restore(ck)
+            self.state = {k: ck[k] for k in self.state}
+            note(f"resuming {job.label} from iteration {self.state['iteration']} ({checkpointer.path})")
+        else:
+            self.keep_rewind_weights()
+            self.evaluate()
+
+    def keep_rewind_weights(self) -> None:
+        if self.job.rewind_iteration == self.state["iteration"]:
+            self.view.sync()
+            self.state["rewind_state"] = snapshot(self.model)
+
+    def evaluate(self) -> None:
+        self.view.sync()
+        n = self.state["loss_count"]
+        self.early.record(self.model, self.state["iteration"], float(self.state["loss_sum"]) / n if n else math.nan)
+        self.state["loss_sum"], self.state["loss_count"] = torch.zeros((), device=self.device), 0
+
+    def save(self) -> None:
+        self.view.sync()
+        self.state["seconds"]["eval"] = self.early.seconds
+        self.checkpointer.save(
+            {
+                "engine": self.view.engine,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                **self.early.state(),
+                **self.state,
+            }
+        )
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        """Count the step; keep the rewind weights, evaluate and checkpoint when it is their iteration."""
+        s = self.state
+        s["loss_sum"] += loss.detach()
+        s["loss_count"] += 1
+        s["iteration"] += 1
+        self.keep_rewind_weights()
+        if s["iteration"] % self.job.hp.eval_every == 0 or s["iteration"] == self.job.hp.iterations:
+            self.evaluate()
+            if self.checkpointer and self.checkpointer.due():
+                self.save()
+
+    def stop(self, stop: StopRequest) -> None:
+        """Ctrl-C or SIGTERM: save a checkpoint, then raise `Stopped`."""
+        where = f"{self.job.label} interrupted (signal {stop.signum}) at iteration {self.state['iteration']}"
+        if self.checkpointer is None:
+            stop.stop(f"{where}; no checkpoint (checkpointing is off)")
+        self.save()
+        stop.stop(f"{where}; checkpoint saved to {self.checkpointer.path}; run the same command again to resume")
+
+    def result(self, train_seconds: float) -> TrainResult:
+        self.view.sync()
+        metrics = self.early.metrics(self.model)
+        seconds = {"train": self.state["seconds"]["train"] + train_seconds, "eval": self.early.seconds}
+        return TrainResult(
+            snapshot(self.model), self.early.curve, metrics, self.state["rewind_state"], seconds, self.view.engine
+        )
+
+
 def train(
     model: nn.Module,
     data: Data,
@@ -88,96 +178,34 @@ def train(
 ) -> TrainResult:
     """Train `model` from `job.start_iteration` to `job.hp.iterations`; pruned weights stay exactly zero.
     With a `checkpointer`, resume from its checkpoint and save at evaluations and on a stop request."""
-    hp, device = job.hp, next(model.parameters()).device
+    hp = job.hp
     if hp.batch_size > len(data.train):
         raise ValueError(f"training.batch_size={hp.batch_size} exceeds the training split ({len(data.train)} examples)")
-    view = TrainingView(model, job.mask, device, job.sparse)
-    optimizer = make_optimizer(view.net, hp)
-    early = EarlyStopping(data, hp, progress)
-    s = {
-        "iteration": job.start_iteration,
-        "rewind_state": None,
-        "loss_sum": torch.zeros((), device=device),
-        "loss_count": 0,
-        "seconds": {"train": 0.0, "eval": 0.0},
-    }
-    ck = checkpointer.load(device, view.engine) if checkpointer else None
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        view = TrainingView(model, job.mask, device, job.sparse)  # rebuilt from the restored weights
-        optimizer = make_optimizer(view.net, hp)
-        optimizer.load_state_dict(ck["optimizer"])
-        early.restore(ck)
-        s = {k: ck[k] for k in s}
-        note(f"resuming {job.label} from iteration {s['iteration']} ({checkpointer.path})")
-
-    def evaluate_now() -> None:
-        view.sync()
-        n = s["loss_count"]
-        early.record(model, s["iteration"], float(s["loss_sum"]) / n if n else float("nan"))
-        s["loss_sum"], s["loss_count"] = torch.zeros((), device=device), 0
-
-    def save() -> None:
-        view.sync()
-        s["seconds"]["eval"] = early.seconds
-        checkpointer.save(
-            {
-                "engine": view.engine,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                **early.state(),
-                **s,
-            }
-        )
-
-    if ck is None:
-        if job.rewind_iteration == s["iteration"]:
-            s["rewind_state"] = snapshot(model)
-        evaluate_now()
+    run = _Run(model, data, job, checkpointer, progress)
+    net, optimizer = run.view.net, run.optimizer
     model.train()
-    view.net.train()
+    net.train()
     stochastic = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+    steps_per_epoch = len(data.train) // hp.batch_size  # the last partial batch of each epoch is dropped
     order, order_epoch, lr = None, -1, None
-    eval_before, t_loop = early.seconds, time.perf_counter()
-    while s["iteration"] < hp.iterations:
-        if stop is not None and stop.signum is not None:  # Ctrl-C or SIGTERM: save, then stop
-            if checkpointer:
-                save()
-            stop.stop(
-                f"{job.label} interrupted (signal {stop.signum}) at iteration {s['iteration']}; "
-                + (
-                    f"checkpoint saved to {checkpointer.path}; run the same command again to resume"
-                    if checkpointer
-                    else "no checkpoint (checkpointing is off)"
-                )
-            )
-        epoch = s["iteration"] // (len(data.train) // hp.batch_size)
-        if epoch != order_epoch:
-            order, order_epoch = epoch_order(len(data.train), job.seed, epoch, device), epoch
-        if learning_rate(hp, s["iteration"]) != lr:
-            lr = learning_rate(hp, s["iteration"])
+    eval_before, t_loop = run.early.seconds, time.perf_counter()
+    while (it := run.state["iteration"]) < hp.iterations:
+        if stop is not None and stop.signum is not None:
+            run.stop(stop)
+        if it // steps_per_epoch != order_epoch:
+            order_epoch = it // steps_per_epoch
+            order = epoch_order(len(data.train), job.seed, order_epoch, run.device)
+        if learning_rate(hp, it) != lr:
+            lr = learning_rate(hp, it)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        x, y = batch(data, job, s["iteration"], order)
+        x, y = batch(data, job, it, order)
         if stochastic:
-            torch.manual_seed(job.seed * 1_000_003 + s["iteration"])
-        loss = loss_fn(view.net(x), y)
+            torch.manual_seed(job.seed * 1_000_003 + it)
+        loss = loss_fn(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        view.mask_gradients()
+        run.view.mask_gradients()
         optimizer.step()
-        s["loss_sum"] += loss.detach()
-        s["loss_count"] += 1
-        s["iteration"] += 1
-        if job.rewind_iteration == s["iteration"]:
-            view.sync()
-            s["rewind_state"] = snapshot(model)
-        if s["iteration"] % hp.eval_every == 0 or s["iteration"] == hp.iterations:
-            evaluate_now()
-            if checkpointer and checkpointer.due():
-                save()
-    s["seconds"]["train"] += time.perf_counter() - t_loop - (early.seconds - eval_before)
-    view.sync()
-    metrics = early.metrics(model)
-    s["seconds"]["eval"] = early.seconds
-    return TrainResult(snapshot(model), early.curve, metrics, s["rewind_state"], s["seconds"], view.engine)
+        run.after_step(loss)
+    return run.result(time.perf_counter() - t_loop - (run.early.seconds - eval_before))

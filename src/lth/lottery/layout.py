@@ -26,7 +26,9 @@ from lth.core import pruning
 from lth.core.evaluation import CURVE_COLUMNS
 from lth.core.models.base import PrunableModel
 
-KINDS = ("ticket", "reinit", "random_pruning")
+# The controls: kind -> its switch in params (`controls.<switch>`). The one registry of branches.
+CONTROLS = {"reinit": "random_reinit", "random_pruning": "random_pruning"}
+KINDS = ("ticket", *CONTROLS)
 OUTPUT_FILES = ("metrics.json", "final.pt", "mask.pt", "curve.csv")  # what a finished trial must have
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from lth.core.checkpoint import StopRequest
 from lth.core.data import load_prepared, prepared_path
+from lth.core.environment import make_deterministic
 from lth.core.hparams import Hparams
 from lth.core.runtime import RuntimeSettings
 from lth.lottery.layout import trial_dir
@@ -47,6 +48,8 @@ def run_round(
     if workers > 1:
         return _run_in_workers(hp, round_index, kind, runs, data_dir, settings, trials, workers)
     torch.set_num_threads(settings.threads_for(hp.model.name, 1))
+    if settings.deterministic:
+        make_deterministic()
     data = load_prepared(prepared_path(data_dir, hp.dataset), hp.dataset).to(settings.device)
     done = []
     with StopRequest() as stop:

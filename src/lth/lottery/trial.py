@@ -10,6 +10,7 @@ from typing import Any
 from lth.core import pruning
 from lth.core.checkpoint import Checkpointer, StopRequest
 from lth.core.data import Data
+from lth.core.environment import numeric_environment
 from lth.core.evaluation import ProgressFn
 from lth.core.hparams import Hparams
 from lth.core.runtime import RuntimeSettings
@@ -84,7 +85,7 @@ def run_trial(
         "mask_md5": pruning.mask_hash(mask),
         "hash": t.hp.hash,
     }
-    run_info = {"seconds": result.seconds, "engine": result.engine}
+    run_info = {"seconds": result.seconds, "environment": numeric_environment(settings.device, result.engine)}
     write_outputs(t.out, metrics, result.state, mask, result.curve, result.rewind_state, run_info)
     if checkpointer is not None:
         checkpointer.remove()

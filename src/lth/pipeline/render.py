@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from lth.core.hparams import DatasetHparams, Hparams, ModelHparams, PruningHparams, TrainingHparams
+from lth.lottery.layout import CONTROLS
 from lth.lottery.trial import TRAIN_CODE
 from lth.pipeline.workspace import DATA_DIR, RESULTS_DIR, RUNS_DIR
 
@@ -54,9 +55,7 @@ def round_out(kind: str, round_index: int) -> str:
 
 
 def control_kinds(hp: Hparams) -> list[str]:
-    return [
-        k for k, on in (("reinit", hp.controls.random_reinit), ("random_pruning", hp.controls.random_pruning)) if on
-    ]
+    return [kind for kind, switch in CONTROLS.items() if getattr(hp.controls, switch)]
 
 
 def selected_rounds(rounds: int) -> list[int]:
@@ -106,7 +105,7 @@ def render(hp: Hparams) -> str:
     stages["evaluate"] = {
         "cmd": "python stages/evaluate.py",
         "deps": ["stages/evaluate.py", *EVALUATE_CODE, *outs],
-        "params": ["pruning.rounds", "controls.random_reinit", "controls.random_pruning"],
+        "params": ["pruning.rounds", *[f"controls.{switch}" for switch in CONTROLS.values()]],
         "outs": [f"{RESULTS_DIR}/report.html"],
         "metrics": [{f"{RESULTS_DIR}/metrics.json": {"cache": False}}],
         "plots": [

@@ -18,6 +18,7 @@ from typing import Any
 
 from lth.core.config import RUNTIME_SECTIONS
 from lth.core.hparams import flatten
+from lth.lottery.layout import KINDS
 from lth.reporting.figures import percent_axis
 
 METRICS_FILE = "results/metrics.json"
@@ -178,7 +179,7 @@ def sweep(
         )
     table = rows(exps, keys, kind)
     if not table:
-        raise SweepError(f"no '{kind}' results in the experiments' metrics (kinds: ticket, reinit, random_pruning)")
+        raise SweepError(f"no '{kind}' results in the experiments' metrics (kinds: {', '.join(KINDS)})")
     csv_path, png_path = out.with_suffix(".csv"), out.with_suffix(".png")
     write_csv(table, csv_path)
     plot(exps, keys, png_path, kind)

@@ -37,6 +37,7 @@ def log_trial(tracker: Tracker, hp: Hparams, directory: Path) -> str:
         )
     kind, round_index, trial = m["kind"], m["round"], m["trial"]
     name = f"{kind}-round{round_index:02d}-trial{trial}"
+    run_info = read_run_info(directory)
     tags = {
         TAG_HASH: hp.hash,
         TAG_ROUND_HASH: hp.round_hash(round_index, trial, kind),
@@ -44,12 +45,13 @@ def log_trial(tracker: Tracker, hp: Hparams, directory: Path) -> str:
         "lth.kind": kind,
         "lth.trial": str(trial),
         "mlflow.runName": name,
+        **{f"lth.env.{k}": str(v) for k, v in run_info.get("environment", {}).items()},
     }
     client = tracker.client
     run_id = retry(lambda: client.create_run(tracker.experiment_id(hp), tags=tags, run_name=name)).info.run_id
     now = int(time.time() * 1000)
     params = [Param(k, json.dumps(v) if isinstance(v, list) else str(v)) for k, v in flatten(hp.to_dict()).items()]
-    seconds = read_run_info(directory).get("seconds", {})
+    seconds = run_info.get("seconds", {})
     summary = {**m, **{f"seconds_{k}": v for k, v in seconds.items()}}
     items = [
         Metric(k, float(v), now, 0)
