@@ -55,7 +55,7 @@ def main() -> None:
     if sets:
         import yaml
 
-        from lth.core.hparams import parse_override
+        from lth.core.config import parse_override
 
         doc = yaml.safe_load((project / "params.yaml").read_text())
         for key, value in map(parse_override, sets):

@@ -4,41 +4,48 @@
 
 Part 1 makes a temp git + DVC project (the real stages and library, `lth pipeline` with pruning.rounds=20
 and both controls), fills every stage's outputs with files of the real sizes (data/prepared ~47 MB,
-per trial final.pt, mask.pt, metrics.json, curve.csv), records them with `dvc commit`, and times
+per trial final.pt, mask.pt, metrics.json, curve.csv, run.json), records them with `dvc commit`, and times
 `dvc repro` when everything is cached (it must run nothing). Target: < 3 s.
 Part 2 times the phases of a stage process before training starts, in a fresh interpreter each repeat:
-python start, `import torch`, the stage's lth imports (and whether they pulled in mlflow), loading the
-prepared data, and opening an existing MLflow sqlite store (import mlflow + client + experiment).
+python start, pinning the numerics (lth.pipeline.numerics) and `import torch`, the lth imports of
+stages/train_round.py (and whether they pulled in mlflow), loading the prepared data, opening an existing
+MLflow sqlite store (import mlflow + client + experiment) and the first optimizer step.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from common import CACHE, header, median, mnist
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-SIZES = {"final.pt": 1_070_000, "mask.pt": 268_000, "metrics.json": 600, "curve.csv": 30_000}
+SIZES = {"final.pt": 1_070_000, "mask.pt": 268_000, "metrics.json": 600, "curve.csv": 30_000, "run.json": 500}
 CHILD = """
 import time, sys
 t0 = time.perf_counter()
+from lth.pipeline import numerics
+numerics.pin()  # as the stage does, before torch is imported
 import torch
 t1 = time.perf_counter()
-from lth.core import hparams
-from lth.pipeline import settings as runtime
-from lth.lottery.round import run_round
 from lth.core.data import load_prepared, prepared_path
+from lth.core.hparams import Hparams
+from lth.lottery.layout import KINDS
+from lth.lottery.round import Round, run_round
+from lth.pipeline import render, stage
+from lth.pipeline.workspace import DATA_DIR, RUNS_DIR
+from lth.tracking.writer import log_finished
 t2 = time.perf_counter()
 mlflow_imported = "mlflow" in sys.modules
-hp = hparams.Hparams()
+hp = Hparams()
 data = load_prepared(prepared_path({cache!r}, hp.dataset), hp.dataset)
 t3 = time.perf_counter()
 import os
@@ -56,11 +63,57 @@ print(t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, mlflow_imported)
 """
 
 
-def noop_repro(rounds: int, repeats: int) -> None:
-    from tests.conftest import make_project
+class Project:
+    """A copy of this checkout (stages, library, params.yaml with `changes`) as its own git + DVC repo, with
+    dvc.yaml rendered by `lth pipeline`; commands run in subprocesses with the copy's library."""
 
+    def __init__(self, root: Path, changes: dict[str, object]):
+        self.root = root
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(root / "src"),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "GIT_AUTHOR_NAME": "lth-bench",
+            "GIT_AUTHOR_EMAIL": "bench@example.com",
+            "GIT_COMMITTER_NAME": "lth-bench",
+            "GIT_COMMITTER_EMAIL": "bench@example.com",
+            "CI": "true",
+        }
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+        root.mkdir(parents=True)
+        for name in ("stages", "src"):
+            shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        for name in (".dvcignore", ".gitignore"):
+            shutil.copy(ROOT / name, root / name)
+        doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+        for key, value in changes.items():
+            section = doc
+            *parents, last = key.split(".")
+            for part in parents:
+                section = section.setdefault(part, {})
+            section[last] = value
+        (root / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        self.run("git", "init", "-q")
+        self.dvc("init", "-q")
+        self.dvc("config", "core.analytics", "false")
+        shutil.copytree(ROOT / ".dvc" / "plots", root / ".dvc" / "plots")
+        self.run(sys.executable, "-m", "lth.cli", "pipeline")
+        self.run("git", "add", "-A")
+        self.run("git", "commit", "-qm", "init")
+
+    def run(self, *cmd: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(list(cmd), cwd=self.root, env=self.env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def dvc(self, *args: str) -> subprocess.CompletedProcess:
+        return self.run(sys.executable, "-m", "dvc", *args)
+
+
+def noop_repro(rounds: int, repeats: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        project = make_project(
+        project = Project(
             Path(tmp) / "p", {"pruning.rounds": rounds, "controls.random_reinit": True, "controls.random_pruning": True}
         )
         root = project.root
@@ -101,8 +154,6 @@ def noop_repro(rounds: int, repeats: int) -> None:
 
 def _fake_outputs(root: Path, stage: str) -> None:
     """Small files in place of a stage's outputs, metrics and plots (a directory gets one file inside)."""
-    import yaml
-
     spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage]
     for entry in spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", []):
         path = root / (entry if isinstance(entry, str) else next(iter(entry)))
@@ -131,7 +182,7 @@ def stage_startup(repeats: int) -> None:
                 print("  WARNING: importing the stage's lth modules imported mlflow")
     names = (
         "python start (python -c pass)",
-        "import torch",
+        "pin numerics, import torch",
         "lth stage imports (no mlflow)",
         "load prepared MNIST",
         "open MLflow sqlite store",

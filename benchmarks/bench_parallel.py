@@ -26,14 +26,14 @@ import dataclasses, sys, torch
 sys.path.insert(0, {here!r})
 from common import mnist, pruned_lenet
 from lth.core.hparams import Hparams
-from lth.core.training import train
+from lth.core.training import TrainJob, train
 torch.set_num_threads({threads})
 hp = Hparams(); data = mnist(hp)
 thp = dataclasses.replace(hp.training, iterations={iterations}, eval_every={iterations}, test_every={iterations})
 model, mask = pruned_lenet(hp, 50)
 print("ready", flush=True)
 sys.stdin.readline()
-train(model, data, thp, seed=0, mask=mask)
+train(model, data, TrainJob(thp, 0, mask))
 """
 
 

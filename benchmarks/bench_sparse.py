@@ -2,14 +2,15 @@
 
     python benchmarks/bench_sparse.py [--iterations 300] [--repeats 3] [--threads 1]
 
-dense   lth.training.train(sparse="off"): dense matmuls, gradients multiplied by the mask, fused Adam on
-        full tensors
-sparse  lth.training.train(sparse="on") (lth.sparse): each weight matrix held as CSR, its parameter only
-        the vector of kept values; forward torch.sparse.mm, weight gradient torch.sparse.sampled_addmm
-        (SDDMM: only at kept positions), input gradient torch.sparse.mm with the transposed CSR
+dense   lth.core.training.train with TrainJob(sparse="off"): dense matmuls, gradients multiplied by the
+        mask, fused Adam on full tensors
+sparse  lth.core.training.train with TrainJob(sparse="on") (lth.core.sparse): each weight matrix held as CSR,
+        its parameter only the vector of kept values; forward torch.sparse.mm, weight gradient
+        torch.sparse.sampled_addmm (SDDMM: only at kept positions), input gradient torch.sparse.mm with the
+        transposed CSR
 Both train LeNet-300-100 on the same batches from the same magnitude-pruned start (evaluation excluded:
 the loop's own timer). The weights after --check iterations are compared (max abs difference). runtime.sparse
-= auto switches to sparse below lth.sparse.SPARSE_BELOW of the weights remaining.
+= auto switches to sparse below lth.core.sparse.SPARSE_BELOW of the weights remaining.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from common import arg_parser, header, interleave, median, mnist, pruned_lenet
 
 from lth.core.hparams import Hparams
 from lth.core.sparse import SPARSE_BELOW
-from lth.core.training import train
+from lth.core.training import TrainJob, train
 
 PERCENTS = (100.0, 50.0, 20.0, 10.0, 5.0, 1.2)
 
@@ -38,7 +39,7 @@ def main() -> None:
     def run(percent: float, iterations: int, sparse: str) -> tuple[float, dict]:
         thp = dataclasses.replace(hp.training, iterations=iterations, eval_every=iterations, test_every=iterations)
         model, mask = pruned_lenet(hp, percent)
-        result = train(model, data, thp, seed=0, mask=mask, sparse=sparse)
+        result = train(model, data, TrainJob(thp, 0, mask, sparse=sparse))
         return iterations / result.seconds["train"], result.state
 
     variants = {}

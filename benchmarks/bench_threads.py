@@ -15,9 +15,11 @@ import time
 import torch
 from common import arg_parser, header, interleave, median, mnist, pruned_lenet
 
-from lth.core.hparams import Hparams, from_dict
-from lth.core.training import loss_fn, train
-from lth.lottery.round import init_model
+from lth.core.config import from_dict
+from lth.core.evaluation import loss_fn
+from lth.core.hparams import Hparams
+from lth.core.training import TrainJob, train
+from lth.lottery.branches import init_model
 
 
 def conv_loop(threads: int, iterations: int, model_name: str = "conv2") -> float:
@@ -50,7 +52,7 @@ def main() -> None:
     def lenet(threads: int) -> float:
         torch.set_num_threads(threads)
         model, mask = pruned_lenet(hp, 50)
-        return args.iterations / train(model, data, thp, seed=0, mask=mask).seconds["train"]
+        return args.iterations / train(model, data, TrainJob(thp, 0, mask)).seconds["train"]
 
     conv_iters = max(10, args.iterations // 10)
     res = interleave(
@@ -73,7 +75,7 @@ def main() -> None:
     for threads in (1, 2):
         torch.set_num_threads(threads)
         model, mask = pruned_lenet(hp, 50)
-        states[threads] = train(model, data, dataclasses.replace(thp, iterations=200), seed=0, mask=mask).state
+        states[threads] = train(model, data, TrainJob(dataclasses.replace(thp, iterations=200), 0, mask)).state
     same = all(torch.equal(states[1][k], states[2][k]) for k in states[1])
     print(f"LeNet weights after 200 iterations at 1 vs 2 threads: {'bit-identical' if same else 'DIFFERENT'}")
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_train_loop.py [--iterations 1000] [--repeats 5] [--threads 1] [--percent 50]
 
 Variants, interleaved and repeated (medians reported):
-  lth      lth.training.train on LeNet-300-100 with a magnitude-pruned mask (--percent remaining), evaluation
+  lth      lth.core.training.train on LeNet-300-100 with a magnitude-pruned mask (--percent remaining), evaluation
            time excluded (its own timer; eval_every = iterations so it runs only at the start and the end)
   bare     the plainest loop a researcher writes: index a batch, forward, backward, torch.optim.Adam step
   bare+fused  the same with Adam(fused=True), the optimizer lth uses: isolates the cost of masking
@@ -18,7 +18,7 @@ import torch
 from common import LENET_FLOP, arg_parser, bare_loop, header, interleave, matmul_peak, median, mnist, pruned_lenet
 
 from lth.core.hparams import Hparams
-from lth.core.training import train
+from lth.core.training import TrainJob, train
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
 
     def lth_loop() -> float:
         model, mask = pruned_lenet(hp, args.percent)
-        result = train(model, data, thp, seed=0, mask=mask)
+        result = train(model, data, TrainJob(thp, 0, mask))
         return args.iterations / result.seconds["train"]
 
     def bare(fused: bool) -> float:
@@ -54,16 +54,16 @@ def main() -> None:
     peak = median(res["peak"])
     limit = peak * 1e9 / (LENET_FLOP * hp.training.batch_size)
     lth, b, bf = median(res["lth"]), median(res["bare"]), median(res["bare+fused"])
-    print(f"{'variant':<34}{'it/s':>8}{'ms/it':>8}   repeats (it/s)")
+    print(f"{'variant':<38}{'it/s':>8}{'ms/it':>8}   repeats (it/s)")
     for name, label in (
-        ("lth", f"lth.training.train ({args.percent:g}% mask)"),
+        ("lth", f"lth.core.training.train ({args.percent:g}% mask)"),
         ("bare", "bare loop (Adam)"),
         ("bare+fused", "bare loop (Adam fused)"),
     ):
         v = median(res[name])
-        print(f"{label:<34}{v:8.0f}{1000 / v:8.2f}   {[round(x) for x in res[name]]}")
+        print(f"{label:<38}{v:8.0f}{1000 / v:8.2f}   {[round(x) for x in res[name]]}")
     print(
-        f"{'FLOP limit at matmul peak':<34}{limit:8.0f}{1000 / limit:8.2f}   "
+        f"{'FLOP limit at matmul peak':<38}{limit:8.0f}{1000 / limit:8.2f}   "
         f"({LENET_FLOP * hp.training.batch_size / 1e6:.1f} MFLOP/it at {peak:.0f} GFLOP/s)"
     )
     print(f"ratio lth / bare loop (Adam):        {lth / b:.2f}x")

@@ -18,10 +18,10 @@ import torch
 
 from lth.core import pruning
 from lth.core.data import Data, load_prepared, prepare, prepared_path
+from lth.core.evaluation import loss_fn
 from lth.core.hparams import Hparams, TrainingHparams
 from lth.core.models.base import PrunableModel
-from lth.core.training import loss_fn
-from lth.lottery.round import init_model
+from lth.lottery.branches import init_model
 
 CACHE = Path(os.environ.get("LTH_BENCH_CACHE", Path.home() / ".cache" / "lth-bench"))
 # Multiply-adds x 2 per example: forward, weight gradients, and input gradients of layers 2 and 3 (the

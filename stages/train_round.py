@@ -8,8 +8,8 @@ numerics.pin()  # before torch is imported: ATen, MKL and oneDNN choose their ke
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from lth.lottery.layout import KINDS, trial_dir  # noqa: E402
-from lth.lottery.round import run_round  # noqa: E402
+from lth.lottery.layout import KINDS  # noqa: E402
+from lth.lottery.round import Round, run_round  # noqa: E402
 from lth.pipeline import render, stage  # noqa: E402
 from lth.pipeline.workspace import DATA_DIR, RUNS_DIR  # noqa: E402
 from lth.tracking.writer import log_finished  # noqa: E402
@@ -22,8 +22,9 @@ def main() -> None:
     args = parser.parse_args()
     ctx = stage.load()
     render.check_stage(ctx.hp, args.kind, args.round)
-    metrics = run_round(ctx.hp, args.round, args.kind, Path(RUNS_DIR), Path(DATA_DIR), ctx.settings)
-    log_finished(ctx.hp, [trial_dir(Path(RUNS_DIR), args.kind, args.round, m["trial"]) for m in metrics])
+    job = Round(ctx.hp, args.kind, args.round, Path(RUNS_DIR), Path(DATA_DIR))
+    metrics = run_round(job, ctx.settings)
+    log_finished(ctx.hp, [job.trial(m["trial"]).out for m in metrics])
 
 
 if __name__ == "__main__":

@@ -6,13 +6,12 @@ trial's results are the same as when trained alone.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import signal
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from lth.core.data import load_prepared, prepared_path
 from lth.core.environment import make_deterministic
 from lth.core.hparams import Hparams
 from lth.core.runtime import RuntimeSettings
-from lth.lottery.layout import trial_dir
+from lth.lottery.layout import read_metrics
 from lth.lottery.progress import RoundProgress
 from lth.lottery.trial import Trial, run_trial
 
@@ -30,31 +29,39 @@ class TrialsFailed(RuntimeError):
     """A worker process failed; finished trials are kept."""
 
 
-def run_round(
-    hp: Hparams,
-    round_index: int,
-    kind: str,
-    runs: Path,
-    data_dir: Path,
-    settings: RuntimeSettings,
-    trials: list[int] | None = None,
-) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Round:
+    """Which round: the experiment, the branch (`ticket` or a control), the round, and where its inputs
+    (prepared data, earlier rounds) and outputs live."""
+
+    hp: Hparams
+    kind: str
+    round_index: int
+    runs: Path
+    data_dir: Path
+
+    def trial(self, trial: int) -> Trial:
+        return Trial(self.hp, self.kind, self.round_index, trial, self.runs)
+
+
+def run_round(job: Round, settings: RuntimeSettings, trials: list[int] | None = None) -> list[dict[str, Any]]:
     """Train every trial of one round (or only `trials`) and write their outputs. Ctrl-C or SIGTERM saves a
     checkpoint and raises `Stopped`; running the round again resumes it."""
     import torch
 
+    hp, kind, round_index = job.hp, job.kind, job.round_index
     trials = list(range(hp.trials)) if trials is None else trials
     workers = settings.workers_for(len(trials))
     if workers > 1:
-        return _run_in_workers(hp, round_index, kind, runs, data_dir, settings, trials, workers)
+        return _run_in_workers(job, settings, trials, workers)
     torch.set_num_threads(settings.threads_for(hp.model.name, 1))
     if settings.deterministic:
         make_deterministic()
-    data = load_prepared(prepared_path(data_dir, hp.dataset), hp.dataset).to(settings.device)
+    data = load_prepared(prepared_path(job.data_dir, hp.dataset), hp.dataset).to(settings.device)
     done = []
     with StopRequest() as stop:
         for i, trial in enumerate(trials):
-            t = Trial(hp, kind, round_index, trial, runs)
+            t = job.trial(trial)
             start = time.perf_counter()
             with RoundProgress(
                 t.label, hp.training.iterations, quiet=settings.quiet, round_index=round_index, rounds=hp.pruning.rounds
@@ -77,26 +84,17 @@ def _report(t: Trial, metrics: dict[str, Any], seconds: float) -> None:
     )
 
 
-def _run_in_workers(
-    hp: Hparams,
-    round_index: int,
-    kind: str,
-    runs: Path,
-    data_dir: Path,
-    settings: RuntimeSettings,
-    trials: list[int],
-    workers: int,
-) -> list[dict[str, Any]]:
+def _run_in_workers(job: Round, settings: RuntimeSettings, trials: list[int], workers: int) -> list[dict[str, Any]]:
     """Trials split round-robin over `workers` spawned processes, each a `run_round` of its share. Workers
     sit in their own process group, so a Ctrl-C reaches them once, forwarded from here: each saves its
     checkpoint and stops, and running the round again resumes every trial."""
-    share = replace(settings, workers=1, threads=settings.threads_for(hp.model.name, workers))
+    share = replace(settings, workers=1, threads=settings.threads_for(job.hp.model.name, workers))
     ctx = multiprocessing.get_context("spawn")  # fork after OpenMP has started can hang the child
     procs = [
         ctx.Process(
             target=_worker,
             name=f"lth-trials-{w}",
-            args=(hp, round_index, kind, runs, data_dir, share, trials[w::workers]),
+            args=(job, share, trials[w::workers]),
         )
         for w in range(workers)
     ]
@@ -113,19 +111,17 @@ def _run_in_workers(
             for proc in procs:
                 proc.join(timeout=0.1)
         if stop.signum is not None:
-            stop.stop(f"{kind} round {round_index} interrupted; run it again to resume every trial")
+            stop.stop(f"{job.kind} round {job.round_index} interrupted; run it again to resume every trial")
     failed = [f"{proc.name} (exit code {proc.exitcode})" for proc in procs if proc.exitcode != 0]
     if failed:
         raise TrialsFailed(
-            f"{kind} round {round_index}: trial worker {', '.join(failed)} failed; its error is "
+            f"{job.kind} round {job.round_index}: trial worker {', '.join(failed)} failed; its error is "
             "printed above. Finished trials are kept: fix the cause and run the round again."
         )
-    return [json.loads((trial_dir(runs, kind, round_index, t) / "metrics.json").read_text()) for t in trials]
+    return [read_metrics(job.trial(t).out) for t in trials]
 
 
-def _worker(
-    hp: Hparams, round_index: int, kind: str, runs: Path, data_dir: Path, settings: RuntimeSettings, trials: list[int]
-) -> None:
+def _worker(job: Round, settings: RuntimeSettings, trials: list[int]) -> None:
     os.setpgrp()  # terminal signals go to the parent, which forwards them once
     if sys.platform.startswith("linux"):  # if the parent dies, SIGTERM: checkpoint and stop, not an orphan
         import ctypes
@@ -135,7 +131,7 @@ def _worker(
     from lth.core.checkpoint import Stopped
 
     try:
-        run_round(hp, round_index, kind, runs, data_dir, settings, trials)
+        run_round(job, settings, trials)
     except Stopped as e:
         print(f"lth: {e}", file=sys.stderr, flush=True)
         raise SystemExit(128 + e.signum) from None

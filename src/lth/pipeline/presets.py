@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lth.core import hparams
+from lth.core import config, hparams
 from lth.pipeline import render as pipeline
 
 # Seconds per training iteration (at the preset's batch size, with augmentation where the preset uses
@@ -107,7 +107,7 @@ def select(
     run-cache and MLflow, so the results of a preset come back without retraining when it is selected
     again and run."""
     source = path_of(name)
-    hp = hparams.load(source)  # validate before touching anything
+    hp = config.load(source)  # validate before touching anything
     text = source.read_text()
     if params_path.exists() and params_path.read_text() == text:
         pipeline.write(hp, dvc_yaml)

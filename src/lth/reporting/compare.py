@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lth.core import hparams
+from lth.core import config, hparams
 from lth.reporting import aggregate as report
 
 HASH_RE = re.compile(r"^[0-9a-f]{6,32}$")
@@ -31,7 +31,7 @@ class Experiment:
 
 
 def from_params(path: str, overrides: tuple[str, ...] = (), label: str | None = None) -> Experiment:
-    hp = hparams.load(path, overrides)
+    hp = config.load(path, overrides)
     return Experiment(label or path, hp.hash, hparams.flatten(hp.to_dict()))
 
 
@@ -39,7 +39,7 @@ def from_override_set(params_path: str, text: str) -> Experiment:
     """One -S value: space-separated KEY=VALUE overrides of `params_path`."""
     overrides = tuple(shlex.split(text))
     if not overrides:
-        raise hparams.HparamsError([f"empty override set '{text}' (e.g. -S 'training.lr=3e-4 trials=2')"])
+        raise config.HparamsError([f"empty override set '{text}' (e.g. -S 'training.lr=3e-4 trials=2')"])
     return from_params(params_path, overrides, label=" ".join(overrides))
 
 
@@ -49,7 +49,7 @@ def parse_spec(spec: str) -> Experiment:
         return from_params(spec)
     if HASH_RE.match(spec.lower()):
         return Experiment(spec, spec.lower())
-    raise hparams.HparamsError(
+    raise config.HparamsError(
         [
             f"'{spec}' is neither an existing params file nor an experiment hash "
             "(32 hex digits, or a prefix of 6+; `lth locate` prints it)"
@@ -83,7 +83,7 @@ def add_mlflow_rows(exps: list[Experiment], tracker: Any) -> None:
             found = tracker.client.search_experiments(filter_string=f"tags.`{TAG_HASH}` LIKE '{exp.hash}%'")
             hashes = {e.tags.get(TAG_HASH) for e in found}
             if len(hashes) > 1:
-                raise hparams.HparamsError(
+                raise config.HparamsError(
                     [
                         f"hash prefix '{exp.hash}' matches {len(hashes)} experiments "
                         f"({', '.join(sorted(hashes))}); give more digits"
@@ -180,7 +180,7 @@ def legend(exps: list[Experiment]) -> str:
 def compare(exps: list[Experiment], runs: Path = Path("runs"), use_mlflow: bool = True, kind: str = "ticket") -> str:
     """The legend (experiments, sources, differing hyperparameters) and the side-by-side table."""
     if len(exps) < 2:
-        raise hparams.HparamsError(
+        raise config.HparamsError(
             ["give two or more experiments: params files, hashes or -S override sets"], "lth compare"
         )
     add_workspace_rows(exps, runs)

@@ -1,0 +1,115 @@
+"""One identity per result: the committed dvc.yaml is what params.yaml renders, the stage structure is checked
+before any training, controls are branches of the ticket's experiment, and MLflow has one writer."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lth.core import config
+from lth.pipeline import render
+from tests.helpers import ROOT, Project
+
+
+def test_committed_dvc_yaml_is_what_params_yaml_renders() -> None:
+    """A fresh clone's plain `dvc repro` runs the committed dvc.yaml: it must be current."""
+    rendered = render.render(config.load(ROOT / "params.yaml"))
+    assert (ROOT / "dvc.yaml").read_text() == rendered, "dvc.yaml is stale: run `lth pipeline` and commit it"
+
+
+def test_structure_mismatch_stops_before_any_training(make_project: Callable[..., Project], xor_params) -> None:
+    """Rounds changed in params.yaml without re-rendering: the first train stage refuses within seconds."""
+    p = make_project(xor_params())
+    p.set_params({"pruning.rounds": 3})
+    r = p.dvc("repro", check=False)
+    assert r.returncode != 0
+    assert "does not match params.yaml (pruning.rounds=3" in r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    assert not (p.root / "runs").exists()
+
+
+def test_value_edit_then_plain_dvc_repro(make_project: Callable[..., Project], xor_params) -> None:
+    """Values (not structure) edited in params.yaml: plain `dvc repro` runs through evaluate, leaves dvc.yaml
+    as committed, and a second `dvc repro` has nothing to do."""
+    p = make_project(xor_params())
+    p.set_params({"training.lr": 0.002})
+    p.dvc("repro")
+    assert (p.root / "results" / "metrics.json").exists()
+    assert p.run("git", "status", "--porcelain", "dvc.yaml").stdout == ""
+    assert "didn't change" in p.dvc("repro").stdout or "up to date" in p.dvc("status").stdout
+
+
+def _runs(uri: str) -> dict[str, dict[str, Any]]:
+    """Every run of the store as comparable content: params, metrics (value per step), tags and artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    out = {}
+    for exp in client.search_experiments():
+        for run in client.search_runs([exp.experiment_id]):
+            tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") or k == "mlflow.runName"}
+            metrics = {
+                k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)] for k in run.data.metrics
+            }
+            artifacts = {}
+            for a in client.list_artifacts(run.info.run_id):
+                local = client.download_artifacts(run.info.run_id, a.path)
+                artifacts[a.path] = hashlib.md5(Path(local).read_bytes()).hexdigest()
+            out[run.data.tags["lth.round_hash"]] = {
+                "experiment": exp.name,
+                "params": run.data.params,
+                "metrics": metrics,
+                "tags": tags,
+                "artifacts": artifacts,
+            }
+    return out
+
+
+def test_live_and_replayed_runs_are_identical(trained_project: Callable[..., Project], xor_params) -> None:
+    """The run a stage logs while training equals the run `lth sync-mlflow` replays from the DVC outputs."""
+    params = xor_params({"controls.random_reinit": True})
+    p, replay = trained_project(params), trained_project(params)  # two copies of one trained project
+    live = _runs(p.tracking_uri)
+    assert len(live) == 3  # ticket rounds 0-1 and the reinit control of round 1
+    assert {r["tags"]["lth.env.numerics"] for r in live.values()} == {"portable"}
+    assert all("seconds_train" in r["metrics"] for r in live.values())
+    (replay.root / "mlflow.db").unlink()  # the copy's MLflow store is lost; its DVC outputs are kept
+    shutil.rmtree(replay.root / "mlartifacts")
+    replay.lth("sync-mlflow")
+    replayed = _runs(replay.tracking_uri)
+    assert replayed.keys() == live.keys()
+    for key, run in live.items():
+        for part in run:
+            assert replayed[key][part] == run[part], f"{run['tags']['mlflow.runName']}: {part} differs"
+
+
+def test_switching_on_a_control_keeps_the_ticket(trained_project: Callable[..., Project], xor_params) -> None:
+    """Controls are branches: the ticket's hash, stages and MLflow experiment stay; only the control trains."""
+    p = trained_project(xor_params())
+    before = p.lth("locate", "--no-mlflow").stdout.splitlines()[0]
+    p.set_params({"controls.random_reinit": True})
+    r = p.lth("run", "-j", "1")
+    out = r.stdout + r.stderr
+    assert p.lth("locate", "--no-mlflow").stdout.splitlines()[0] == before
+    assert "Running stage 'reinit_round_01'" in out
+    assert "Running stage 'ticket_round" not in out
+    located = p.lth("locate").stdout
+    assert "ticket-round01-trial0" in located and "reinit-round01-trial0" in located
+
+
+@pytest.mark.parametrize("kind, round_index, ok", [("ticket", 1, True), ("ticket", 2, False), ("reinit", 1, False)])
+def test_check_stage(kind: str, round_index: int, ok: bool, tmp_path: Path) -> None:
+    """A stage outside the experiment params.yaml describes is refused before it trains."""
+    hp = config.from_dict({"dataset": {"name": "xor"}, "model": {"name": "xor"}, "pruning": {"rounds": 1}})
+    dvc_yaml = tmp_path / "dvc.yaml"
+    dvc_yaml.write_text(render.render(hp))
+    if ok:
+        render.check_stage(hp, kind, round_index, dvc_yaml)
+    else:
+        with pytest.raises(render.StaleDvcYaml, match="lth pipeline"):
+            render.check_stage(hp, kind, round_index, dvc_yaml)
