@@ -31,9 +31,10 @@ def mode(params: Path = Path("params.yaml")) -> str:
     if not value:
         try:
             doc = yaml.safe_load(params.read_text()) if params.exists() else {}
-            value = ((doc or {}).get("runtime") or {}).get("numerics") if isinstance(doc, dict) else None
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            value = None  # the params check that follows reports the file
+            doc = None  # the params check that follows reports the file
+        runtime = doc.get("runtime") if isinstance(doc, dict) else None
+        value = runtime.get("numerics") if isinstance(runtime, dict) else None
     return value if value in MODES else "portable"
 
 
