@@ -46,8 +46,7 @@ def prepare(hp: DatasetHparams, out: Path, root: Path | None = None) -> dict[str
     """Load raw data, split off the validation set with a seeded permutation, save uint8 tensors."""
     if hp.name not in DATASETS:
         raise DataError(f"unknown dataset '{hp.name}' (valid: {', '.join(sorted(DATASETS))})")
-    loader, _ = DATASETS[hp.name]
-    raw = loader(root or data_root())
+    raw = DATASETS[hp.name].load(root or data_root())
     n = len(raw["train_y"])
     if not 0 < hp.validation_size < n:
         raise DataError(f"dataset.validation_size={hp.validation_size} must be between 1 and {n - 1}")
@@ -90,7 +89,7 @@ def load_prepared(path: Path, hp: DatasetHparams) -> Data:
     expected = {"train_x", "train_y", "val_x", "val_y", "test_x", "test_y", "mean", "std"}
     if not isinstance(t, dict) or set(t) != expected:
         raise DataError(f"{path} is not a prepared dataset; delete it and run `dvc repro prepare`.")
-    _, num_classes = DATASETS[hp.name]
+    num_classes = DATASETS[hp.name].num_classes
     shape = [1, -1] + [1] * (t["train_x"].dim() - 2)
 
     def split(x: torch.Tensor, y: torch.Tensor) -> Split:

@@ -1,7 +1,7 @@
 """Raw datasets, read from torchvision's files offline and checked: MNIST, CIFAR-10, generated XOR.
 
-`DATASETS` is the registry: name -> (loader, number of classes). A loader returns uint8 images
-[N, C, H, W] (or [N, F]) and int64 labels of the full training and test sets.
+`DATASETS` is the registry: name -> `Dataset` (loader, number of classes, training-set size). A loader
+returns uint8 images [N, C, H, W] (or [N, F]) and int64 labels of the full training and test sets.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -233,8 +235,16 @@ def _load_cifar10(root: Path) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------- registry
 
+
+@dataclass(frozen=True)
+class Dataset:
+    load: Callable[[Path], dict[str, torch.Tensor]]
+    num_classes: int  # 1 means a single logit with binary cross-entropy
+    train_size: int  # examples in the full training set (before the validation split): checked before any work
+
+
 DATASETS = {
-    "mnist": (lambda root: _load_mnist(root), 10),
-    "xor": (lambda root: _make_xor(), 1),
-    "cifar10": (lambda root: _load_cifar10(root), 10),
+    "mnist": Dataset(lambda root: _load_mnist(root), 10, 60000),
+    "xor": Dataset(lambda root: _make_xor(), 1, 6000),
+    "cifar10": Dataset(lambda root: _load_cifar10(root), 10, 50000),
 }

@@ -27,7 +27,7 @@ OPTIMIZERS = ("adam", "sgd")
 
 def build_model(hp: Hparams) -> PrunableModel:
     constructor, _ = MODELS[hp.model.name]
-    _, num_classes = DATASETS[hp.dataset.name]
+    num_classes = DATASETS[hp.dataset.name].num_classes
     return constructor(num_classes=num_classes, dropout=hp.model.dropout, hidden=hp.model.hidden)
 
 
