@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -16,6 +18,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from lth.core import registry
+from lth.core.datasets import DATASETS
 from lth.core.hparams import Hparams, flatten, section_fields
 
 
@@ -50,6 +53,8 @@ def _coerce(key: str, value: Any, t: Any, problems: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{key}: expected a number, got {value!r}")
             return value
+        if not math.isfinite(value):
+            problems.append(f"{key}: expected a finite number, got {value}")
         return float(value)
     if t is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -64,12 +69,39 @@ def _coerce(key: str, value: Any, t: Any, problems: list[str]) -> Any:
     return value
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """YAML as people write params: `1e-3` is a number (YAML 1.1 reads it as a string), and a key given
+    twice is an error (YAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (remove one of them)", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ParamsLoader)  # a SafeLoader subclass: no code runs
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`training.lr=3e-4` -> ("training.lr", 0.0003); values are parsed as YAML."""
     if "=" not in text:
         raise HparamsError([f"override '{text}' is not of the form key=value (e.g. training.lr=3e-4)"])
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = read_yaml(raw) if raw.strip() else ""
     # YAML 1.1 reads '3e-4' as a string; numbers without a dot are common on the command line.
     if isinstance(value, str):
         try:
@@ -190,6 +222,25 @@ def _check_ranges(hp: Hparams) -> list[str]:
             p.append(f"{key}: must be a positive integer, got {v}")
     if t.lr <= 0:
         p.append(f"training.lr: must be positive, got {t.lr}")
+    for key, seed in (("training.seed", t.seed), ("dataset.split_seed", hp.dataset.split_seed)):
+        if not 0 <= seed < 2**31:  # seeds are combined (seed * 1_000_003 + epoch) in 64-bit generators
+            p.append(f"{key}: must be in [0, 2^31), got {seed}")
+    if t.eval_every > t.iterations > 0:
+        p.append(
+            f"training.eval_every={t.eval_every} exceeds training.iterations={t.iterations}: early stopping "
+            "would only see the end of training; lower it (the paper: 100)"
+        )
+    dataset = DATASETS.get(hp.dataset.name)
+    if dataset is not None and hp.dataset.validation_size >= dataset.train_size:
+        p.append(
+            f"dataset.validation_size: must be less than the training set of {hp.dataset.name} "
+            f"({dataset.train_size} examples), got {hp.dataset.validation_size}"
+        )
+    elif dataset is not None and t.batch_size > dataset.train_size - hp.dataset.validation_size:
+        p.append(
+            f"training.batch_size={t.batch_size} exceeds the training split of {hp.dataset.name} "
+            f"({dataset.train_size - hp.dataset.validation_size} examples after dataset.validation_size)"
+        )
     if not 0 <= t.momentum < 1:
         p.append(f"training.momentum: must be in [0, 1), got {t.momentum}")
     if t.weight_decay < 0:
@@ -231,9 +282,15 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...
     if not path.exists():
         raise HparamsError([f"{path}: file not found (run from the project root, or pass --params PATH)"])
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        doc = read_yaml(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise HparamsError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"]) from None
     except yaml.YAMLError as e:
-        raise HparamsError([f"{path}: not valid YAML: {e}"]) from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise HparamsError([f"{path}: not valid YAML: {getattr(e, 'problem', None) or e}{where}"]) from None
+    if doc is None:
+        raise HparamsError([f"{path} is empty: select an experiment with `lth preset NAME` (`lth preset --list`)"])
     problems = []
     for o in overrides:
         try:
