@@ -13,6 +13,14 @@ def main() -> None:
     render.check_current(hp)
     results, runs = Path(RESULTS_DIR), Path(RUNS_DIR)
     rows = aggregate.collect(runs, hp.pruning.rounds, ("ticket", *render.control_kinds(hp)), hp.trials)
+    foreign = sorted(
+        {f"{r['kind']} round {r['round']} ({str(r.get('hash'))[:8]})" for r in rows if r.get("hash") != hp.hash}
+    )
+    if foreign:
+        raise ValueError(
+            f"{RUNS_DIR}/ holds rounds of another experiment than params.yaml's {hp.hash[:8]}: "
+            f"{', '.join(foreign[:4])}; run `lth run` (or `dvc repro`) first."
+        )
     agg = aggregate.aggregate(rows)
     (results / "plots").mkdir(parents=True, exist_ok=True)
     (results / "metrics.json").write_text(json.dumps(aggregate.metrics_document(agg), indent=2) + "\n")

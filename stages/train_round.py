@@ -24,6 +24,7 @@ def main() -> None:
     render.check_stage(ctx.hp, args.kind, args.round)
     job = Round(ctx.hp, args.kind, args.round, Path(RUNS_DIR), Path(DATA_DIR))
     metrics = run_round(job, ctx.settings)
+    ctx.check_unchanged()
     log_finished(ctx.hp, [job.trial(m["trial"]).out for m in metrics])
 
 

@@ -6,8 +6,10 @@ from lth.pipeline import numerics
 
 numerics.pin()  # before torch is imported (lth verify re-trains): see lth.pipeline.numerics
 
+import contextlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
@@ -19,6 +21,14 @@ from lth.lottery.layout import KINDS  # noqa: E402
 from lth.pipeline import render, stage  # noqa: E402
 from lth.pipeline.workspace import DATA_DIR, RESULTS_DIR, RUNS_DIR  # noqa: E402
 
+
+def regular_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A path option that names a device, FIFO or socket (/dev/zero would be read forever) is refused."""
+    if value is not None and Path(value).exists() and not Path(value).is_file():
+        raise click.BadParameter(f"{value} is not a regular file", ctx, param)
+    return value
+
+
 PARAMS_OPTION = click.option(
     "--params",
     "-p",
@@ -26,6 +36,7 @@ PARAMS_OPTION = click.option(
     default="params.yaml",
     show_default=True,
     type=click.Path(dir_okay=False),
+    callback=regular_file,
     help="params file of the experiment",
 )
 SET_OPTION = click.option(
@@ -39,9 +50,18 @@ SET_OPTION = click.option(
 
 
 def load_or_exit(params_path: str, overrides: tuple[str, ...] = ()) -> Hparams:
-    try:
+    with user_errors():
         return config.load(params_path, overrides)
-    except config.HparamsError as e:
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """An error the user can fix (bad params, settings, files or data, an unreachable MLflow store: the library's
+    messages name the problem and the fix) becomes click's `Error:` line and exit status 1, never a traceback.
+    Anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except stage.USER_ERRORS as e:
         raise click.ClickException(str(e)) from None
 
 
@@ -59,7 +79,8 @@ def main() -> None:
 def pipeline_cmd(params_path: str) -> None:
     """Render dvc.yaml from params.yaml (one stage per round and control)."""
     hp = load_or_exit(params_path)
-    changed = render.write(hp)
+    with user_errors():
+        changed = render.write(hp)
     n = hp.pruning.rounds
     click.echo(
         f"dvc.yaml {'updated' if changed else 'already up to date'}: prepare, {n + 1} ticket rounds"
@@ -89,7 +110,9 @@ def run_cmd(params_path: str, jobs: int, dvc_args: tuple[str, ...]) -> None:
     from lth.pipeline import schedule
 
     hp = load_or_exit(params_path)
-    if render.write(hp):  # only when the stage structure changed (rounds, controls, schedule)
+    with user_errors():
+        changed = render.write(hp)
+    if changed:  # only when the stage structure changed (rounds, controls, schedule)
         click.echo(
             f"lth: dvc.yaml re-rendered: its stages now follow params.yaml (pruning.rounds={hp.pruning.rounds}, "
             f"controls: {', '.join(render.control_kinds(hp)) or 'none'}); commit it with dvc.lock",
@@ -136,7 +159,8 @@ def locate_cmd(params_path: str, overrides: tuple[str, ...], no_mlflow: bool) ->
     hp = load_or_exit(params_path, overrides)
     click.echo(f"experiment: {hp.short_name}")
     click.echo(f"hash (MD5 of canonical hyperparameters): {hp.hash}")
-    rows = [r for r in report.collect(Path(RUNS_DIR)) if r.get("hash") == hp.hash]
+    with user_errors():
+        rows = [r for r in report.collect(Path(RUNS_DIR)) if r.get("hash") == hp.hash]
     if rows:
         click.echo(f"DVC outputs in this workspace ({len(rows)} trained networks):")
         for r in sorted(rows, key=lambda r: (r["kind"], r["round"], r["trial"])):
@@ -151,9 +175,12 @@ def locate_cmd(params_path: str, overrides: tuple[str, ...], no_mlflow: bool) ->
         )
     if no_mlflow:
         return
-    from lth.tracking.store import Tracker
+    from lth.tracking.store import Tracker, TrackingError
 
-    runs = Tracker().find_runs(hp.hash)
+    try:
+        runs = Tracker().find_runs(hp.hash)
+    except TrackingError as e:
+        raise click.ClickException(f"{e} (`lth locate --no-mlflow` skips MLflow)") from None
     click.echo(f"MLflow ({tracking_uri()}), experiment '{experiment_name(hp)}': {len(runs)} runs")
     for r in runs:
         acc = r.data.metrics.get("test_accuracy_at_early_stop")
@@ -192,10 +219,8 @@ def preset_cmd(name: str | None, list_: bool, force: bool, params_path: str) -> 
         if not name:
             click.echo("Select one with `lth preset NAME`, then `lth run`.")
         return
-    try:
+    with user_errors():
         click.echo(presets.select(name, Path(params_path), force=force))
-    except (presets.PresetError, config.HparamsError) as e:
-        raise click.ClickException(str(e)) from None
 
 
 @main.command("sync-mlflow")
@@ -274,12 +299,15 @@ def compare_cmd(
       lth compare 94435125 1f3c2a7e
     """
     from lth.reporting import compare
+    from lth.tracking.store import TrackingError
 
-    try:
+    with user_errors():
         exps = compare.experiments(experiments, override_sets, params_path)
-        click.echo(compare.compare(exps, Path(RUNS_DIR), use_mlflow=not no_mlflow, kind=kind))
-    except config.HparamsError as e:
-        raise click.ClickException(str(e)) from None
+        try:
+            text = compare.compare(exps, Path(RUNS_DIR), use_mlflow=not no_mlflow, kind=kind)
+        except TrackingError as e:
+            raise click.ClickException(f"{e} (`lth compare --no-mlflow` uses only the workspace)") from None
+    click.echo(text)
 
 
 @main.command("export")
@@ -310,10 +338,8 @@ def export_cmd(
 
     hp = load_or_exit(params_path, overrides)
     round_index = hp.pruning.rounds if round_index is None else round_index
-    try:
+    with user_errors():
         path, doc = export.export(hp, round_index, Path(out) if out else None, trial, Path(RUNS_DIR), force)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
     click.echo(
         f"wrote {path}: {hp.model.name} ticket of round {round_index} (trial {trial}), "
         f"{doc['percent_remaining']:.2f}% of weights remaining, experiment {hp.hash}"
@@ -364,16 +390,15 @@ def ui_cmd(host: str, port: int) -> None:
     default=None,
     help=f"output file [default: {RESULTS_DIR}/report.html]",
 )
-def report_cmd(params_path: str, out: str | None) -> None:
+@click.option("--force", is_flag=True, help="replace an existing --out file that is not an earlier report")
+def report_cmd(params_path: str, out: str | None, force: bool) -> None:
     """Write the one-page HTML report of the experiment (key table, figures, hyperparameters and hash)
     from the workspace's outputs. The evaluate stage writes the same page to results/report.html."""
     from lth.reporting import html as html_report
 
     hp = load_or_exit(params_path)
-    try:
-        path = html_report.from_workspace(hp, Path(RUNS_DIR), Path(RESULTS_DIR), Path(out) if out else None)
-    except FileNotFoundError as e:
-        raise click.ClickException(str(e)) from None
+    with user_errors():
+        path = html_report.from_workspace(hp, Path(RUNS_DIR), Path(RESULTS_DIR), Path(out) if out else None, force)
     click.echo(f"wrote {path}: open {path.resolve().as_uri()}")
 
 
@@ -395,7 +420,8 @@ def report_cmd(params_path: str, out: str | None) -> None:
 )
 @click.option("--kind", type=click.Choice(KINDS), default="ticket", show_default=True)
 @click.option("--all-commits", "-A", is_flag=True, help="experiments of every commit, not only of HEAD")
-def sweep_cmd(out: str, params: tuple[str, ...], kind: str, all_commits: bool) -> None:
+@click.option("--force", is_flag=True, help="replace OUT.csv and OUT.png even when they are not an earlier sweep's")
+def sweep_cmd(out: str, params: tuple[str, ...], kind: str, all_commits: bool, force: bool) -> None:
     """Aggregate the DVC experiments of this repo (a sweep) into one table and one figure: test accuracy at
     early stop against percent of weights remaining, one curve per value of the swept hyperparameter.
 
@@ -409,7 +435,8 @@ def sweep_cmd(out: str, params: tuple[str, ...], kind: str, all_commits: bool) -
     from lth.reporting import sweep
 
     try:
-        text, csv_path, png_path, skipped = sweep.sweep(sweep.exp_show(Path("."), all_commits), Path(out), params, kind)
+        show = sweep.exp_show(Path("."), all_commits)
+        text, csv_path, png_path, skipped = sweep.sweep(show, Path(out), params, kind, force)
     except sweep.SweepError as e:
         raise click.ClickException(str(e)) from None
     click.echo(text)

@@ -8,6 +8,7 @@ frameworks slow).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,13 @@ class Data:
         return Data(self.train.to(device), self.val.to(device), self.test.to(device), self.num_classes, self.augment)
 
 
+def identity(hp: DatasetHparams) -> str:
+    """What the prepared splits depend on; stored in the file, checked when training loads it."""
+    return json.dumps(
+        {"name": hp.name, "validation_size": hp.validation_size, "split_seed": hp.split_seed}, sort_keys=True
+    )
+
+
 def prepare(hp: DatasetHparams, out: Path, root: Path | None = None) -> dict[str, int]:
     """Load raw data, split off the validation set with a seeded permutation, save uint8 tensors."""
     if hp.name not in DATASETS:
@@ -66,6 +74,7 @@ def prepare(hp: DatasetHparams, out: Path, root: Path | None = None) -> dict[str
         "test_y": raw["test_y"].contiguous(),
         "mean": mean,
         "std": std,
+        "identity": identity(hp),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -87,8 +96,13 @@ def load_prepared(path: Path, hp: DatasetHparams) -> Data:
     except Exception as e:
         raise DataError(f"{path} is corrupt or truncated ({e}); delete it and run `dvc repro prepare`.") from e
     expected = {"train_x", "train_y", "val_x", "val_y", "test_x", "test_y", "mean", "std"}
-    if not isinstance(t, dict) or set(t) != expected:
+    if not isinstance(t, dict) or set(t) - {"identity"} != expected:
         raise DataError(f"{path} is not a prepared dataset; delete it and run `dvc repro prepare`.")
+    if t.get("identity", identity(hp)) != identity(hp):  # files prepared before lth 0.2 carry none
+        raise DataError(
+            f"{path} was prepared for {t['identity']}, but params.yaml gives {identity(hp)}: "
+            "run `dvc repro prepare` (or `lth run`) first."
+        )
     num_classes = DATASETS[hp.name].num_classes
     shape = [1, -1] + [1] * (t["train_x"].dim() - 2)
 

@@ -6,14 +6,21 @@ returns uint8 images [N, C, H, W] (or [N, F]) and int64 labels of the full train
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import math
 import os
 import pickle
+import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+ALLOW_UNVERIFIED = "LTH_ALLOW_UNVERIFIED_DATA"  # "1": skip the md5 checks (raw files of one's own)
+RAW_KEYS = ("train_x", "train_y", "test_x", "test_y")  # what a loader returns
 
 
 class DataError(RuntimeError):
@@ -35,68 +42,122 @@ def md5(path: Path, chunk: int = 1 << 20) -> str:
 
 # ---------------------------------------------------------------------------------------------- MNIST
 
-# Sizes of the uncompressed idx files: a truncated file is caught before torchvision misreads it.
-MNIST_SIZES = {
-    "train-images-idx3-ubyte": 16 + 60000 * 784,
-    "train-labels-idx1-ubyte": 8 + 60000,
-    "t10k-images-idx3-ubyte": 16 + 10000 * 784,
-    "t10k-labels-idx1-ubyte": 8 + 10000,
+# The four idx files: name -> (magic number, shape). The magic number is 0x00000800 (unsigned bytes) plus the
+# number of dimensions; the header is the magic number and one big-endian uint32 per dimension.
+MNIST_FILES = {
+    "train-images-idx3-ubyte": (0x00000803, (60000, 28, 28)),
+    "train-labels-idx1-ubyte": (0x00000801, (60000,)),
+    "t10k-images-idx3-ubyte": (0x00000803, (10000, 28, 28)),
+    "t10k-labels-idx1-ubyte": (0x00000801, (10000,)),
 }
+# Sizes of the uncompressed idx files: a truncated file is caught before it is parsed.
+MNIST_SIZES = {name: 4 + 4 * len(shape) + math.prod(shape) for name, (_, shape) in MNIST_FILES.items()}
+# MD5 of the uncompressed idx files: those of torchvision's MNIST files (the .gz archives of MNIST.resources,
+# whose md5 torchvision records) once decompressed. The uncompressed file is what is read, so it is what is checked.
+MNIST_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+MNIST_FILE_LIST = ", ".join(f"{name}[.gz]" for name in MNIST_FILES)
 
 
-def _check_mnist_files(raw: Path) -> None:
-    from torchvision.datasets import MNIST
+def verified() -> bool:
+    """Whether raw files are md5-checked: yes unless LTH_ALLOW_UNVERIFIED_DATA=1 (files of one's own)."""
+    return os.environ.get(ALLOW_UNVERIFIED) != "1"
 
-    expected_md5 = {Path(url).name: digest for url, digest in MNIST.resources}
-    missing = [n for n in MNIST_SIZES if not (raw / n).exists() and not (raw / f"{n}.gz").exists()]
-    if 0 < len(missing) < len(MNIST_SIZES):  # a partial copy: say so instead of trying to download
-        raise DataError(
-            f"{raw} lacks {', '.join(missing)} (nor its .gz). Copy the missing MNIST file(s) there, "
-            "or point LTH_DATA_DIR at a directory with a complete MNIST/raw/."
-        )
-    for name, size in MNIST_SIZES.items():
-        f = raw / name
-        gz = raw / f"{name}.gz"
-        if gz.exists() and md5(gz) != expected_md5.get(gz.name):
+
+def _mnist_fix(f: Path) -> str:
+    """How to repair a bad uncompressed MNIST file `f`."""
+    gz = f.with_name(f"{f.name}.gz")
+    if gz.exists():
+        return f"Delete it (MNIST is then read from {gz.name} beside it, checked too) or replace it with a good copy."
+    return f"Replace it with a good copy (or delete it and put torchvision's {gz.name} beside it)."
+
+
+def _read_mnist_file(raw: Path, name: str, num_classes: int) -> torch.Tensor:
+    """One idx file as a uint8 tensor of its shape, from the uncompressed file when present, else from its .gz;
+    its size, header, md5 and (labels) range are checked, and every error names the file and the fix."""
+    magic, shape = MNIST_FILES[name]
+    f, gz = raw / name, raw / f"{name}.gz"
+    if f.exists():
+        source, fix = f, _mnist_fix(f)
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            raise DataError(f"{f} cannot be read ({e.strerror or e}). {fix}") from None
+        if len(data) != MNIST_SIZES[name]:
+            raise DataError(
+                f"{f} is truncated or corrupt ({len(data)} bytes, expected {MNIST_SIZES[name]}). "
+                f"Delete it (it is re-extracted from {gz.name} when that is present) or replace it with a good copy."
+            )
+    else:
+        source = gz
+        fix = f"Delete it, then download MNIST again or copy a good copy of {gz.name} there."
+        if verified() and md5(gz) != _mnist_gz_md5().get(gz.name):
             raise DataError(
                 f"{gz} is corrupt (md5 mismatch with torchvision's record). Delete it and the "
                 f"uncompressed file next to it, then download MNIST again or copy a good copy there."
             )
-        if f.exists() and f.stat().st_size != size:
+        try:
+            data = gzip.decompress(gz.read_bytes())
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{gz} is not a readable gzip file ({e}). {fix}") from None
+        if len(data) != MNIST_SIZES[name]:
+            raise DataError(f"{gz} holds {len(data)} bytes, expected {MNIST_SIZES[name]}: it is corrupt. {fix}")
+    header = struct.unpack(f">{1 + len(shape)}I", data[: 4 + 4 * len(shape)])
+    if header[0] != magic:
+        raise DataError(
+            f"{source} is corrupt or not an MNIST idx file: magic number {header[0]:#010x}, expected {magic:#010x} "
+            f"({name}). {fix}"
+        )
+    if tuple(header[1:]) != shape:
+        raise DataError(f"{source} is corrupt: its header says shape {tuple(header[1:])}, expected {shape}. {fix}")
+    values = torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * len(shape)).view(shape)
+    if len(shape) == 1 and int(values.max()) >= num_classes:
+        i = int(torch.argmax((values >= num_classes).to(torch.uint8)))
+        raise DataError(
+            f"{source} is corrupt: label {int(values[i])} at index {i} is outside 0..{num_classes - 1}. {fix}"
+        )
+    if source == f and verified():
+        digest = hashlib.md5(data).hexdigest()
+        if digest != MNIST_MD5[name]:
             raise DataError(
-                f"{f} is truncated or corrupt ({f.stat().st_size} bytes, expected {size}). "
-                f"Delete it (it is re-extracted from {gz.name} when that is present) "
-                f"or replace it with a good copy."
+                f"{f} failed its md5 check ({digest}, torchvision's file decompressed is {MNIST_MD5[name]}): it is "
+                f"corrupt. {fix} To use MNIST files of your own, set {ALLOW_UNVERIFIED}=1."
             )
+    return values
+
+
+def _mnist_gz_md5() -> dict[str, str]:
+    from torchvision.datasets import MNIST
+
+    return {Path(url).name: digest for url, digest in MNIST.resources}
 
 
 def _load_mnist(root: Path) -> dict[str, torch.Tensor]:
-    from torchvision.datasets import MNIST
-
     raw = root / "MNIST" / "raw"
-    if raw.exists():
-        _check_mnist_files(raw)
-    try:
-        train = MNIST(str(root), train=True, download=True)
-        test = MNIST(str(root), train=False, download=True)
-    except Exception as e:  # torchvision raises RuntimeError/URLError when offline with no copy
-        if raw.exists() and all((raw / n).exists() for n in MNIST_SIZES):
-            raise DataError(
-                f"the MNIST files in {raw} could not be read ({type(e).__name__}: {e}): one is corrupt. "
-                "Replace them with a good copy (or delete them and keep the .gz files)."
-            ) from e
+    missing = [n for n in MNIST_FILES if not (raw / n).exists() and not (raw / f"{n}.gz").exists()]
+    if 0 < len(missing) < len(MNIST_FILES):  # a partial copy: say so instead of trying to download
         raise DataError(
-            f"MNIST not found under {raw} and it could not be downloaded ({type(e).__name__}: {e}).\n"
-            f"Put the four MNIST files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
-            f"t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]) in {raw}, "
-            f"or point LTH_DATA_DIR at a directory that has MNIST/raw/ inside."
-        ) from e
-    return {
-        "train_x": train.data.unsqueeze(1),
-        "train_y": train.targets,
-        "test_x": test.data.unsqueeze(1),
-        "test_y": test.targets,
-    }
+            f"{raw} lacks {', '.join(missing)} (nor its .gz). Copy the missing MNIST file(s) there, "
+            "or point LTH_DATA_DIR at a directory with a complete MNIST/raw/."
+        )
+    if missing:
+        from torchvision.datasets import MNIST
+
+        try:  # downloads the .gz archives into raw/ (and extracts them)
+            MNIST(str(root), train=True, download=True)
+        except Exception as e:  # torchvision raises RuntimeError/URLError when offline
+            raise DataError(
+                f"MNIST not found under {raw} and it could not be downloaded ({type(e).__name__}: {e}).\n"
+                f"Put the four MNIST files ({MNIST_FILE_LIST}) in {raw}, "
+                f"or point LTH_DATA_DIR at a directory that has MNIST/raw/ inside."
+            ) from e
+    out = {key: _read_mnist_file(raw, name, 10) for key, name in zip(RAW_KEYS, MNIST_FILES, strict=True)}
+    out["train_x"], out["test_x"] = out["train_x"].unsqueeze(1), out["test_x"].unsqueeze(1)
+    return {k: v.long() if k.endswith("_y") else v for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------------------------------ XOR
@@ -120,7 +181,6 @@ def _make_xor(seed: int = 0, n_train: int = 6000, n_test: int = 1000) -> dict[st
 
 CIFAR_DIR = "cifar-10-batches-py"  # torchvision's folder (the extracted cifar-10-python.tar.gz)
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-ALLOW_UNVERIFIED = "LTH_ALLOW_UNVERIFIED_DATA"
 
 
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
@@ -214,7 +274,7 @@ def _load_cifar10(root: Path) -> dict[str, torch.Tensor]:
             f"CIFAR-10 in {folder} is incomplete: missing {', '.join(missing)}. Copy the whole "
             f"{CIFAR_DIR}/ folder of {CIFAR_URL} there (or delete the folder to download it again)."
         )
-    if os.environ.get(ALLOW_UNVERIFIED) != "1":
+    if verified():
         for name, digest in expected.items():
             if md5(folder / name) != digest:
                 raise DataError(
@@ -236,15 +296,41 @@ def _load_cifar10(root: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------- registry
 
 
+def check_labels(raw: dict[str, torch.Tensor], num_classes: int, source: str) -> dict[str, torch.Tensor]:
+    """Refuse labels the network cannot have (a corrupt or foreign file would crash or skew training later):
+    int64 labels in 0..num_classes-1, or 0/1 for a single logit (num_classes 1), one per example."""
+    top = max(num_classes, 2) - 1
+    for split in ("train", "test"):
+        x, y = raw[f"{split}_x"], raw[f"{split}_y"]
+        if y.dtype != torch.int64 or y.dim() != 1 or len(y) != len(x):
+            raise DataError(
+                f"{source}: the {split} labels are {y.dtype} {tuple(y.shape)}, expected int64 [{len(x)}] (one per "
+                "example); the raw files are corrupt or not this dataset. Replace them with a good copy."
+            )
+        bad = (y < 0) | (y > top)
+        if bool(bad.any()):
+            i = int(torch.argmax(bad.to(torch.uint8)))
+            raise DataError(
+                f"{source}: {split} label {int(y[i])} at index {i} is outside 0..{top}; the raw files are corrupt "
+                "or not this dataset. Replace them with a good copy."
+            )
+    return raw
+
+
 @dataclass(frozen=True)
 class Dataset:
-    load: Callable[[Path], dict[str, torch.Tensor]]
+    read: Callable[[Path], dict[str, torch.Tensor]]  # root -> the raw tensors (RAW_KEYS)
     num_classes: int  # 1 means a single logit with binary cross-entropy
     train_size: int  # examples in the full training set (before the validation split): checked before any work
+    folder: str = ""  # where its files live under the data root (named in errors); "" for generated data
+
+    def load(self, root: Path) -> dict[str, torch.Tensor]:
+        """uint8 images and int64 labels of the full training and test sets, labels range-checked."""
+        return check_labels(self.read(root), self.num_classes, str(Path(root) / self.folder) if self.folder else "data")
 
 
 DATASETS = {
-    "mnist": Dataset(lambda root: _load_mnist(root), 10, 60000),
+    "mnist": Dataset(lambda root: _load_mnist(root), 10, 60000, "MNIST/raw"),
     "xor": Dataset(lambda root: _make_xor(), 1, 6000),
-    "cifar10": Dataset(lambda root: _load_cifar10(root), 10, 50000),
+    "cifar10": Dataset(lambda root: _load_cifar10(root), 10, 50000, CIFAR_DIR),
 }

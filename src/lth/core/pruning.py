@@ -112,10 +112,15 @@ def check_mask(mask: Mapping[str, torch.Tensor], model: torch.nn.Module, source:
             f"unexpected {sorted(extra)}); it was made for another network: re-run its stage."
         )
     for n, m in mask.items():
-        if m.shape != params[n].shape or m.dtype != torch.bool:
+        if m.shape != params[n].shape:
             raise ValueError(
                 f"{source}: mask '{n}' has shape {tuple(m.shape)} ({m.dtype}), the model's weight "
                 f"has {tuple(params[n].shape)}; it was made for another network: re-run its stage."
+            )
+        if m.dtype != torch.bool:
+            raise ValueError(
+                f"{source}: mask '{n}' has the wrong dtype {m.dtype} (expected torch.bool: True = kept); "
+                "it was not written by lth: re-run its stage."
             )
 
 

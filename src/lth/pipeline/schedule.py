@@ -61,6 +61,22 @@ def stale_stages(graph: dict[str, set[str]], env: dict[str, str] | None = None) 
     return [s for s in graph if s in changed]
 
 
+def recorded_changes(stage: str, env: dict[str, str] | None = None) -> list[str]:
+    """What differs from dvc.lock's record of `stage`, inputs first: "input data/prepared modified",
+    "output runs/ticket/round_02 modified" (empty when the stage is as recorded or DVC cannot tell)."""
+    proc = subprocess.run([*DVC, "status", "--json", stage], capture_output=True, text=True, env=env)
+    try:
+        entries = json.loads(proc.stdout or "{}").get(stage, [])
+    except (ValueError, AttributeError):
+        return []
+    found = {"changed deps": [], "changed outs": []}
+    for entry in entries:
+        for key in found:
+            if isinstance(entry, dict) and isinstance(entry.get(key), dict):
+                found[key] += [f"{path} {state}" for path, state in entry[key].items() if not path.startswith("src/")]
+    return [f"input {x}" for x in found["changed deps"]] + [f"output {x}" for x in found["changed outs"]]
+
+
 # DVC's hints after every stage, said once at the end instead.
 _HINTS = (
     "To track the changes with git",

@@ -25,12 +25,27 @@ USER_ERRORS = (config.HparamsError, runtime.SettingsError, ValueError, OSError, 
 class StageContext:
     hp: Hparams
     settings: RuntimeSettings
+    params: Path
+
+    def check_unchanged(self) -> None:
+        """DVC records the params it finds when a stage ends: if params.yaml changed while this stage ran,
+        its outputs belong to the old params, so fail before anything is recorded (dvc.lock, run-cache, MLflow)."""
+        now = config.load(self.params)
+        if now.hash != self.hp.hash:
+            raise ParamsChanged(
+                f"{self.params} changed while this stage ran (experiment {self.hp.hash[:8]} -> {now.hash[:8]}); its "
+                "outputs are of the old params and are not recorded. Run `lth run` again: it trains the new params."
+            )
+
+
+class ParamsChanged(RuntimeError):
+    """params.yaml changed during a stage."""
 
 
 def load(params: str | Path = "params.yaml") -> StageContext:
     """The experiment's hyperparameters and runtime settings, validated and resolved once."""
     hp = config.load(params)
-    return StageContext(hp, runtime.resolve(config.runtime_section(params), checkpoint_dir()))
+    return StageContext(hp, runtime.resolve(config.runtime_section(params), checkpoint_dir()), Path(params))
 
 
 def run(main: Callable[[], None]) -> None:

@@ -26,7 +26,12 @@ def collect(
     and trials of the current params (outputs of stages removed from dvc.yaml stay on disk)."""
     rows = []
     for f in sorted(Path(runs).glob("*/round_*/trial_*/metrics.json")):
-        row = json.loads(f.read_text())
+        try:
+            row = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{f}: unreadable metrics ({e}); run `dvc repro` to restore it.") from None
+        if not isinstance(row, dict) or not {"kind", "round", "trial"} <= set(row):
+            raise ValueError(f"{f}: not the metrics of a trained network; run `dvc repro` to restore it.")
         if (
             row["kind"] in kinds
             and (rounds is None or row["round"] <= rounds)

@@ -80,8 +80,7 @@ def add_mlflow_rows(exps: list[Experiment], tracker: Any) -> None:
         if len(exp.hash) == 32:
             runs = tracker.find_runs(exp.hash)
         else:
-            found = tracker.client.search_experiments(filter_string=f"tags.`{TAG_HASH}` LIKE '{exp.hash}%'")
-            hashes = {e.tags.get(TAG_HASH) for e in found}
+            hashes = tracker.find_hashes(exp.hash)
             if len(hashes) > 1:
                 raise config.HparamsError(
                     [

@@ -125,16 +125,45 @@ def render(hp: Hparams, agg: dict[str, dict[int, dict[str, Any]]], figures_dir: 
 """
 
 
+class ReportError(ValueError):
+    """The report cannot be written where asked; the message names the file and the fix."""
+
+
+TITLE = "<title>lth report:"  # in the first line of every report: how an earlier report is recognized
+
+
+def is_report(path: Path) -> bool:
+    """Whether `path` is a regular file holding an earlier report (so that replacing it loses nothing)."""
+    try:
+        with open(path, "rb") as f:
+            return path.is_file() and TITLE.encode() in f.read(512)
+    except OSError:
+        return False
+
+
 def write(hp: Hparams, agg: dict[str, dict[int, dict[str, Any]]], figures_dir: Path, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(hp, agg, figures_dir))
+    page = render(hp, agg, figures_dir)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(page)
+    except OSError as e:
+        raise ReportError(
+            f"cannot write the report to {out} ({e.strerror or e}): free space or fix the permissions there, "
+            "or write it elsewhere (`lth report -o PATH`)."
+        ) from None
     return out
 
 
-def from_workspace(hp: Hparams, runs: Path, results: Path, out: Path | None = None) -> Path:
-    """The report of the rounds in `runs` for `hp` (what the evaluate stage writes), figures from `results`."""
+def from_workspace(hp: Hparams, runs: Path, results: Path, out: Path | None = None, force: bool = False) -> Path:
+    """The report of the rounds in `runs` for `hp` (what the evaluate stage writes), figures from `results`.
+    An `out` that exists and is no earlier report is refused unless `force` (it may be a file of the user's)."""
     from lth.pipeline import render as pipeline
     from lth.reporting import aggregate as report
+
+    if out is not None and out.exists() and not force and not is_report(out):
+        raise ReportError(
+            f"{out} exists and is not an lth report; choose another --out, or pass --force to replace it."
+        )
 
     rows = [
         r

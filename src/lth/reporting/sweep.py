@@ -160,9 +160,10 @@ def plot(exps: list[Experiment], keys: list[str], path: Path, kind: str = "ticke
 
 
 def sweep(
-    show: list[dict[str, Any]], out: Path, param: tuple[str, ...] = (), kind: str = "ticket"
+    show: list[dict[str, Any]], out: Path, param: tuple[str, ...] = (), kind: str = "ticket", force: bool = False
 ) -> tuple[str, Path, Path, list[str]]:
-    """Write <out>.csv and <out>.png; returns (printed table, csv path, png path, skipped experiments)."""
+    """Write <out>.csv and <out>.png; returns (printed table, csv path, png path, skipped experiments). Files at
+    those paths that are not an earlier sweep's are refused unless `force`."""
     exps, skipped = experiments(show)
     if not exps:
         raise SweepError(
@@ -180,7 +181,36 @@ def sweep(
     table = rows(exps, keys, kind)
     if not table:
         raise SweepError(f"no '{kind}' results in the experiments' metrics (kinds: {', '.join(KINDS)})")
+    if not out.name or out.name == "..":
+        raise SweepError(f"--out {out}: give a path without extension, e.g. results/lr_sweep (OUT.csv and OUT.png)")
     csv_path, png_path = out.with_suffix(".csv"), out.with_suffix(".png")
-    write_csv(table, csv_path)
-    plot(exps, keys, png_path, kind)
+    check_out(csv_path, png_path, force)
+    for path, write in (
+        (csv_path, lambda: write_csv(table, csv_path)),
+        (png_path, lambda: plot(exps, keys, png_path, kind)),
+    ):
+        try:
+            write()
+        except OSError as e:
+            raise SweepError(f"cannot write {path} ({e.strerror or e}); choose a writable --out.") from None
     return format_table(table), csv_path, png_path, skipped
+
+
+def is_sweep_table(path: Path) -> bool:
+    """Whether `path` is a CSV written by `lth sweep` (its header starts with the experiment and its revision)."""
+    try:
+        with open(path, "rb") as f:
+            return path.is_file() and f.read(15) == b"experiment,rev,"
+    except OSError:
+        return False
+
+
+def check_out(csv_path: Path, png_path: Path, force: bool = False) -> None:
+    """Refuse to replace files that are not an earlier sweep's (a table and its figure) unless `force`."""
+    if force or not (csv_path.exists() or png_path.exists()) or is_sweep_table(csv_path):
+        return
+    existing = " and ".join(str(p) for p in (csv_path, png_path) if p.exists())
+    raise SweepError(
+        f"{existing} exist(s) and {csv_path} is not a table written by `lth sweep`; choose another --out, "
+        "or pass --force to replace them."
+    )

@@ -9,8 +9,10 @@ the DVC outputs are written first, and `lth sync-mlflow` replays what MLflow lac
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +29,41 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }  # a user's own settings win
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be reached or read; the message (one line) names the store and the fix."""
+
+
+def describe(e: BaseException, limit: int = 300) -> str:
+    """An exception on one line, shortened: MLflow's messages nest the whole HTTP error chain."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def failure(uri: str, e: BaseException) -> TrackingError:
+    """The error of a failed MLflow call, naming the store and what to do."""
+    if isinstance(e, TrackingError):
+        return e
+    fix = (
+        "start the server, or point MLFLOW_TRACKING_URI at a running one (unset it to use the project's mlflow.db)"
+        if uri.startswith(("http:", "https:"))
+        else "check that no other process holds the store and that it is not corrupt"
+    )
+    return TrackingError(f"MLflow at {uri} failed ({describe(e)}): {fix}.")
+
+
+def probe(uri: str, timeout: float = 3.0) -> None:
+    """For a tracking server, fail within seconds when nothing listens (MLflow's client retries first)."""
+    parts = urllib.parse.urlsplit(uri)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname or "localhost", port), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise TrackingError(
+            f"the MLflow tracking server {uri} is unreachable ({describe(e)}): start it, or point "
+            "MLFLOW_TRACKING_URI at a running one (unset it to use the project's mlflow.db)."
+        ) from None
 
 
 def tracking_uri() -> str:
@@ -53,15 +90,17 @@ class Tracker:
     """One MLflow client per process (importing mlflow and opening the store is paid once)."""
 
     def __init__(self, uri: str | None = None):
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
         self.uri = uri or tracking_uri()
         if self.uri.startswith(("http:", "https:")):
             # MLflow's defaults (7 retries, exponential backoff, 120 s timeout) hang a stage for minutes when
             # the server is down; fail within seconds instead (results are on disk; `lth sync-mlflow` replays).
             for name, value in HTTP_DEFAULTS.items():
                 os.environ.setdefault(name, value)
+            probe(self.uri)  # before importing mlflow (seconds): a server that is down is reported at once
+
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
         mlflow.set_tracking_uri(self.uri)
         if self.uri.startswith("sqlite:///"):
             # Opening a new sqlite store creates and migrates its tables; parallel stages (`dvc queue start
@@ -70,8 +109,11 @@ class Tracker:
 
             db = Path(self.uri.removeprefix("sqlite:///"))
             db.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(db.with_name(f".{db.name}.lock"))):
-                self.client = retry(lambda: MlflowClient(self.uri))
+            try:
+                with FileLock(str(db.with_name(f".{db.name}.lock"))):
+                    self.client = retry(lambda: MlflowClient(self.uri))
+            except Exception as e:  # a corrupt or foreign file, a read-only directory: sqlalchemy's many types
+                raise failure(self.uri, e) from e
         else:
             self.client = MlflowClient(self.uri)
 
@@ -103,13 +145,24 @@ class Tracker:
         return {r.data.tags.get(TAG_ROUND_HASH) for r in runs}
 
     def find_runs(self, experiment_hash: str) -> list[Any]:
-        """Every run (any experiment) tagged with this experiment hash."""
-        exps = self.client.search_experiments(filter_string=f"tags.`{TAG_HASH}` = '{experiment_hash}'")
-        if not exps:
-            return []
-        return self.client.search_runs(
-            [e.experiment_id for e in exps], max_results=50000, order_by=["tags.`lth.kind`", "tags.`lth.round`"]
-        )
+        """Every run (any experiment) tagged with this experiment hash; a failing store raises TrackingError."""
+        try:
+            exps = self.client.search_experiments(filter_string=f"tags.`{TAG_HASH}` = '{experiment_hash}'")
+            if not exps:
+                return []
+            return self.client.search_runs(
+                [e.experiment_id for e in exps], max_results=50000, order_by=["tags.`lth.kind`", "tags.`lth.round`"]
+            )
+        except Exception as e:  # MLflow's errors (server down, store locked or corrupt) have many types
+            raise failure(self.uri, e) from e
+
+    def find_hashes(self, prefix: str) -> set[str]:
+        """The experiment hashes that start with `prefix` (hex digits); a failing store raises TrackingError."""
+        try:
+            found = self.client.search_experiments(filter_string=f"tags.`{TAG_HASH}` LIKE '{prefix}%'")
+        except Exception as e:  # as in find_runs
+            raise failure(self.uri, e) from e
+        return {e.tags.get(TAG_HASH) for e in found}
 
 
 def warn(message: str) -> None:
