@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from lth.core import config
 from lth.pipeline import render
@@ -113,3 +116,32 @@ def test_check_stage(kind: str, round_index: int, ok: bool, tmp_path: Path) -> N
     else:
         with pytest.raises(render.StaleDvcYaml, match="lth pipeline"):
             render.check_stage(hp, kind, round_index, dvc_yaml)
+
+
+def test_params_edited_during_a_run_are_never_recorded(make_project: Callable[..., Project], xor_params) -> None:
+    """The reproduction of issue 11: training.lr changes while `lth run` trains round 0. The stage fails with
+    one clear line; dvc.lock, the run-cache and MLflow never claim outputs of other params; a new run
+    trains the new params and they verify."""
+    p = make_project(xor_params({"training.iterations": 6000, "training.eval_every": 500, "training.test_every": 3000}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lth.cli", "run", "-j", "1"],
+        cwd=p.root,
+        env=p.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "ticket round 0 of 1: iteration 500/" in line:  # round 0 is training with lr 0.0012
+            p.set_params({"training.lr": 0.002})
+    out = "".join(lines)
+    assert proc.wait() != 0, out
+    assert "params.yaml changed while this stage ran" in out and "Traceback" not in out
+    lock = yaml.safe_load((p.root / "dvc.lock").read_text()) if (p.root / "dvc.lock").exists() else {}
+    assert "ticket_round_00" not in (lock or {}).get("stages", {})
+    assert not (p.root / "mlflow.db").exists() or not _runs(p.tracking_uri)
+    p.lth("run", "-j", "1")
+    assert "PASS" in p.lth("verify", "--round", "1").stdout
+    assert all(r["params"]["training.lr"] == "0.002" for r in _runs(p.tracking_uri).values())
