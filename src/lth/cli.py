@@ -23,9 +23,11 @@ from lth.pipeline.workspace import DATA_DIR, RESULTS_DIR, RUNS_DIR  # noqa: E402
 
 
 def regular_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """A path option that names a device, FIFO or socket (/dev/zero would be read forever) is refused."""
+    """A file option naming a device, FIFO or socket is refused: /dev/zero would be read forever, and writing
+    a file next to /dev/full, then renaming it over /dev/full, would replace the device."""
     if value is not None and Path(value).exists() and not Path(value).is_file():
-        raise click.BadParameter(f"{value} is not a regular file", ctx, param)
+        flag = max(param.opts, key=len) if param.opts else param.name
+        raise click.ClickException(f"{flag} {value}: not a regular file (a device, FIFO or socket); give a file path.")
     return value
 
 
@@ -61,6 +63,10 @@ def user_errors() -> Iterator[None]:
     Anything else is a bug and keeps its traceback."""
     try:
         yield
+    except OSError as e:
+        if e.filename is None:  # the library's own message
+            raise click.ClickException(str(e)) from None
+        raise click.ClickException(f"{e.filename}: {e.strerror or e}; check the path and its permissions.") from None
     except stage.USER_ERRORS as e:
         raise click.ClickException(str(e)) from None
 
@@ -178,7 +184,7 @@ def locate_cmd(params_path: str, overrides: tuple[str, ...], no_mlflow: bool) ->
     from lth.tracking.store import Tracker, TrackingError
 
     try:
-        runs = Tracker().find_runs(hp.hash)
+        runs = Tracker(check=True).find_runs(hp.hash)
     except TrackingError as e:
         raise click.ClickException(f"{e} (`lth locate --no-mlflow` skips MLflow)") from None
     click.echo(f"MLflow ({tracking_uri()}), experiment '{experiment_name(hp)}': {len(runs)} runs")
@@ -228,12 +234,14 @@ def preset_cmd(name: str | None, list_: bool, force: bool, params_path: str) -> 
 @SET_OPTION
 def sync_mlflow_cmd(params_path: str, overrides: tuple[str, ...]) -> None:
     """Log to MLflow every finished round under runs/ that MLflow lacks (after the server was down)."""
-    from lth.tracking.store import tracking_uri
+    from lth.tracking.store import Tracker, TrackingError, tracking_uri
     from lth.tracking.sync import sync
 
     hp = load_or_exit(params_path, overrides)
     try:
-        sync(hp, Path(RUNS_DIR), echo=click.echo)
+        sync(hp, Path(RUNS_DIR), Tracker(check=True), echo=click.echo)
+    except TrackingError as e:
+        raise click.ClickException(f"{e} Nothing on disk changed; run it again then.") from None
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     except Exception as e:  # MLflow's errors (server down, store locked) have many types
@@ -256,11 +264,27 @@ def verify_cmd(params_path: str, round_index: int | None, kind: str, trial: int)
 
     hp = load_or_exit(params_path)
     round_index = hp.pruning.rounds if round_index is None else round_index
+    if not 0 <= round_index <= hp.pruning.rounds:
+        raise click.ClickException(
+            f"--round {round_index}: not a round of this experiment (rounds 0..{hp.pruning.rounds}, pruning.rounds)."
+        )
+    if not 0 <= trial < hp.trials:
+        raise click.ClickException(f"--trial {trial}: not a trial of this experiment (trials 0..{hp.trials - 1}).")
+    from lth.pipeline.schedule import recorded_changes
+
     try:
         settings = stage.load(params_path).settings
         ok = verify(hp, round_index, kind, trial, Path(RUNS_DIR), Path(DATA_DIR), settings, echo=click.echo)
     except stage.USER_ERRORS as e:
         raise click.ClickException(str(e)) from None
+    if not ok:  # name the first thing that differs from DVC's record: an input, or the round itself
+        changes = recorded_changes(render.stage_name(kind, round_index))
+        if changes:
+            click.echo(
+                f"lth verify: {changes[0]} since dvc.lock recorded {render.stage_name(kind, round_index)}"
+                + (f" (and {len(changes) - 1} more)" if len(changes) > 1 else "")
+                + ": run `dvc repro` to restore the recorded state, then verify again."
+            )
     sys.exit(0 if ok else 1)
 
 
@@ -320,6 +344,7 @@ def compare_cmd(
     "-o",
     type=click.Path(dir_okay=False),
     default=None,
+    callback=regular_file,
     help="output file [default: exports/<experiment>-round_<k>-trial_<t>.pt]",
 )
 @click.option("--force", is_flag=True, help="replace an existing --out file that is not an earlier export")
@@ -388,6 +413,7 @@ def ui_cmd(host: str, port: int) -> None:
     "-o",
     type=click.Path(dir_okay=False),
     default=None,
+    callback=regular_file,
     help=f"output file [default: {RESULTS_DIR}/report.html]",
 )
 @click.option("--force", is_flag=True, help="replace an existing --out file that is not an earlier report")

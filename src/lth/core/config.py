@@ -101,7 +101,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise HparamsError([f"override '{text}' is not of the form key=value (e.g. training.lr=3e-4)"])
     key, raw = text.split("=", 1)
-    value = read_yaml(raw) if raw.strip() else ""
+    if not key.strip():
+        raise HparamsError([f"override '{text}' names no key (e.g. training.lr=3e-4)"])
+    try:
+        value = read_yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise HparamsError([f"override '{text}': the value is not valid YAML ({getattr(e, 'problem', e)})"]) from None
     # YAML 1.1 reads '3e-4' as a string; numbers without a dot are common on the command line.
     if isinstance(value, str):
         try:

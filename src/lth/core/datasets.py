@@ -1,7 +1,10 @@
 """Raw datasets, read from torchvision's files offline and checked: MNIST, CIFAR-10, generated XOR.
 
 `DATASETS` is the registry: name -> `Dataset` (loader, number of classes, training-set size). A loader
-returns uint8 images [N, C, H, W] (or [N, F]) and int64 labels of the full training and test sets.
+returns uint8 images [N, C, H, W] (or [N, F]) and int64 labels of the full training and test sets;
+`Dataset.load` also checks that every label is one the network can have. Every file read is checked before
+use (size, header, md5 of what is read: LTH_ALLOW_UNVERIFIED_DATA=1 skips the md5 for files of one's own),
+and every error is a `DataError` naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -88,20 +91,18 @@ def _read_mnist_file(raw: Path, name: str, num_classes: int) -> torch.Tensor:
         except OSError as e:
             raise DataError(f"{f} cannot be read ({e.strerror or e}). {fix}") from None
         if len(data) != MNIST_SIZES[name]:
-            raise DataError(
-                f"{f} is truncated or corrupt ({len(data)} bytes, expected {MNIST_SIZES[name]}). "
-                f"Delete it (it is re-extracted from {gz.name} when that is present) or replace it with a good copy."
-            )
+            raise DataError(f"{f} is truncated or corrupt ({len(data)} bytes, expected {MNIST_SIZES[name]}). {fix}")
     else:
         source = gz
         fix = f"Delete it, then download MNIST again or copy a good copy of {gz.name} there."
-        if verified() and md5(gz) != _mnist_gz_md5().get(gz.name):
-            raise DataError(
-                f"{gz} is corrupt (md5 mismatch with torchvision's record). Delete it and the "
-                f"uncompressed file next to it, then download MNIST again or copy a good copy there."
-            )
         try:
-            data = gzip.decompress(gz.read_bytes())
+            packed = gz.read_bytes()
+        except OSError as e:
+            raise DataError(f"{gz} cannot be read ({e.strerror or e}). {fix}") from None
+        if verified() and hashlib.md5(packed).hexdigest() != _mnist_gz_md5().get(gz.name):
+            raise DataError(f"{gz} is corrupt (md5 mismatch with torchvision's record). {fix}")
+        try:
+            data = gzip.decompress(packed)
         except (OSError, EOFError, zlib.error) as e:
             raise DataError(f"{gz} is not a readable gzip file ({e}). {fix}") from None
         if len(data) != MNIST_SIZES[name]:
@@ -151,7 +152,7 @@ def _load_mnist(root: Path) -> dict[str, torch.Tensor]:
             MNIST(str(root), train=True, download=True)
         except Exception as e:  # torchvision raises RuntimeError/URLError when offline
             raise DataError(
-                f"MNIST not found under {raw} and it could not be downloaded ({type(e).__name__}: {e}).\n"
+                f"MNIST not found under {raw} and it could not be downloaded ({type(e).__name__}: {e}). "
                 f"Put the four MNIST files ({MNIST_FILE_LIST}) in {raw}, "
                 f"or point LTH_DATA_DIR at a directory that has MNIST/raw/ inside."
             ) from e

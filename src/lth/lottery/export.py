@@ -104,6 +104,8 @@ def export(
     Refuses to overwrite a file that is not an earlier export unless `force`."""
     doc = ticket(hp, round_index, trial, runs)
     out = Path(out) if out is not None else default_path(hp, round_index, trial)
+    if out.exists() and not out.is_file():
+        raise ExportError(f"{out} is not a regular file (a device, directory or pipe); choose a file for --out.")
     if out.exists() and not force and not _is_export(out):
         raise ExportError(
             f"{out} exists and is not an exported ticket; choose another --out, or pass --force to replace it."

@@ -41,7 +41,7 @@ class PresetError(ValueError):
 def presets_dir() -> Path:
     """./presets when the project has one, else the presets shipped next to the package's source."""
     local = Path("presets")
-    return local if local.is_dir() else Path(__file__).resolve().parents[2] / "presets"
+    return local if local.is_dir() else Path(__file__).resolve().parents[3] / "presets"
 
 
 def available() -> dict[str, Path]:

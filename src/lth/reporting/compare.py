@@ -186,7 +186,7 @@ def compare(exps: list[Experiment], runs: Path = Path("runs"), use_mlflow: bool 
     if use_mlflow:
         from lth.tracking.store import Tracker
 
-        add_mlflow_rows(exps, Tracker())
+        add_mlflow_rows(exps, Tracker(check=True))
     missing = [e.label for e in exps if not e.rows]
     text = legend(exps) + "\n\n" + table(exps, kind)
     if missing:

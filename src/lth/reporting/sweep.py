@@ -209,8 +209,8 @@ def check_out(csv_path: Path, png_path: Path, force: bool = False) -> None:
     """Refuse to replace files that are not an earlier sweep's (a table and its figure) unless `force`."""
     if force or not (csv_path.exists() or png_path.exists()) or is_sweep_table(csv_path):
         return
-    existing = " and ".join(str(p) for p in (csv_path, png_path) if p.exists())
-    raise SweepError(
-        f"{existing} exist(s) and {csv_path} is not a table written by `lth sweep`; choose another --out, "
-        "or pass --force to replace them."
-    )
+    if csv_path.exists():
+        problem = f"{csv_path} exists and is not a table written by `lth sweep`"
+    else:
+        problem = f"{png_path} exists, without the table {csv_path} that `lth sweep` writes beside its figure"
+    raise SweepError(f"{problem}; choose another --out, or pass --force to replace it.")

@@ -48,7 +48,8 @@ def failure(uri: str, e: BaseException) -> TrackingError:
     fix = (
         "start the server, or point MLFLOW_TRACKING_URI at a running one (unset it to use the project's mlflow.db)"
         if uri.startswith(("http:", "https:"))
-        else "check that no other process holds the store and that it is not corrupt"
+        else "check that no other process holds the store; if it is corrupt, move it aside and run `lth sync-mlflow` "
+        "(it logs every trained network again from runs/)"
     )
     return TrackingError(f"MLflow at {uri} failed ({describe(e)}): {fix}.")
 
@@ -61,7 +62,7 @@ def probe(uri: str, timeout: float = 3.0) -> None:
         socket.create_connection((parts.hostname or "localhost", port), timeout=timeout).close()
     except (OSError, ValueError) as e:
         raise TrackingError(
-            f"the MLflow tracking server {uri} is unreachable ({describe(e)}): start it, or point "
+            f"MLflow at {uri} failed: the tracking server is unreachable ({describe(e)}): start it, or point "
             "MLFLOW_TRACKING_URI at a running one (unset it to use the project's mlflow.db)."
         ) from None
 
@@ -89,14 +90,17 @@ def retry(fn: Callable[[], T], attempts: int = 8) -> T:
 class Tracker:
     """One MLflow client per process (importing mlflow and opening the store is paid once)."""
 
-    def __init__(self, uri: str | None = None):
+    def __init__(self, uri: str | None = None, check: bool = False):
+        """`check`: probe a tracking server first, raising TrackingError within seconds when it is down (for
+        commands that need MLflow; the train stage's writer instead warns per trained network)."""
         self.uri = uri or tracking_uri()
         if self.uri.startswith(("http:", "https:")):
             # MLflow's defaults (7 retries, exponential backoff, 120 s timeout) hang a stage for minutes when
             # the server is down; fail within seconds instead (results are on disk; `lth sync-mlflow` replays).
             for name, value in HTTP_DEFAULTS.items():
                 os.environ.setdefault(name, value)
-            probe(self.uri)  # before importing mlflow (seconds): a server that is down is reported at once
+            if check:
+                probe(self.uri)  # before importing mlflow (seconds): a server that is down is reported at once
 
         import mlflow
         from mlflow.tracking import MlflowClient
