@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from lth.core import config, hparams
+from lth.core.environment import BIT_IDENTITY_KEYS
+from lth.lottery.layout import read_run_info, trial_dir
 from lth.reporting import aggregate as report
 
 HASH_RE = re.compile(r"^[0-9a-f]{6,32}$")
@@ -28,6 +30,7 @@ class Experiment:
     params: dict[str, Any] = field(default_factory=dict)  # flat hyperparameters, when known
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per trained network
     sources: list[str] = field(default_factory=list)
+    environments: list[dict[str, Any]] = field(default_factory=list)  # numeric environments of the networks
 
 
 def from_params(path: str, overrides: tuple[str, ...] = (), label: str | None = None) -> Experiment:
@@ -68,6 +71,9 @@ def add_workspace_rows(exps: list[Experiment], runs: Path) -> None:
         found = [r for r in rows if _matches(r.get("hash"), exp)]
         if found:
             exp.rows = found
+            exp.environments += [
+                read_run_info(trial_dir(runs, r["kind"], r["round"], r["trial"])).get("environment", {}) for r in found
+            ]
             exp.sources.append(f"workspace ({len(found)} networks)")
             exp.hash = found[0]["hash"]
 
@@ -104,6 +110,9 @@ def add_mlflow_rows(exps: list[Experiment], tracker: Any) -> None:
             if key in have:
                 continue
             have.add(key)
+            exp.environments.append(
+                {k.removeprefix("lth.env."): v for k, v in tags.items() if k.startswith("lth.env.")}
+            )
             exp.rows.append(
                 {
                     "kind": key[0],
@@ -164,6 +173,25 @@ def table(exps: list[Experiment], kind: str = "ticket") -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in lines)
 
 
+def environment_note(exps: list[Experiment]) -> str:
+    """Say what agreement to expect: bit identity only within one numeric environment."""
+    seen = {
+        json.dumps({k: str(env[k]) for k in BIT_IDENTITY_KEYS if k in env}, sort_keys=True)
+        for e in exps
+        for env in e.environments
+        if env
+    }
+    if len(seen) <= 1:
+        return ""
+    envs = [json.loads(s) for s in seen]
+    keys = [k for k in BIT_IDENTITY_KEYS if len({env.get(k) for env in envs}) > 1]
+    values = "; ".join(f"{k}: {' vs '.join(sorted({str(env.get(k)) for env in envs}))}" for k in keys)
+    return (
+        f"\n\nnumeric environments differ ({values}): equal hyperparameters agree within the spread of trials, "
+        "not bit for bit (README: Regenerating on another machine)"
+    )
+
+
 def legend(exps: list[Experiment]) -> str:
     diff = differing_params(exps)
     out = []
@@ -188,7 +216,7 @@ def compare(exps: list[Experiment], runs: Path = Path("runs"), use_mlflow: bool 
 
         add_mlflow_rows(exps, Tracker(check=True))
     missing = [e.label for e in exps if not e.rows]
-    text = legend(exps) + "\n\n" + table(exps, kind)
+    text = legend(exps) + "\n\n" + table(exps, kind) + environment_note(exps)
     if missing:
         text += (
             "\n\nno results for: " + ", ".join(missing) + " (run them with `lth run` or "
