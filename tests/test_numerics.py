@@ -74,3 +74,21 @@ def test_emulated_avx2_machine_gives_the_same_bits(make_project: Callable[..., P
     digests = output_digests(native_cpu.root)
     assert len(digests) == 8  # 2 rounds x (mask, final weights, metrics, curve)
     assert output_digests(emulated.root) == digests
+
+
+@pytest.mark.parametrize(
+    "envs, expected",
+    [
+        ([{"cpu_capability": "AVX2", "numerics": "portable"}] * 2, ""),
+        ([{"cpu_capability": "AVX2"}, {"cpu_capability": "AVX512"}], "cpu_capability: AVX2 vs AVX512"),
+        ([{"threads": 1, "engine": "dense"}, {"threads": 1, "engine": "sparse"}], "engine: dense vs sparse"),
+        ([{}, {"cpu_capability": "AVX2"}], ""),  # a round recorded before run.json: nothing to compare
+    ],
+)
+def test_compare_names_differing_environments(envs: list[dict], expected: str) -> None:
+    from lth.reporting.compare import Experiment, environment_note
+
+    note = environment_note(
+        [Experiment("A", "a" * 32, environments=[envs[0]]), Experiment("B", "b" * 32, environments=[envs[1]])]
+    )
+    assert (expected in note and "not bit for bit" in note) if expected else note == ""
