@@ -51,6 +51,18 @@ SET_OPTION = click.option(
 )
 
 
+def refuse_while_dvc_runs() -> None:
+    """DVC would wait for its lock in silence, and dvc.yaml must not change under a running pipeline."""
+    from lth.pipeline import schedule
+
+    busy = schedule.running_dvc(Path.cwd())
+    if busy:
+        raise click.ClickException(
+            f"another DVC run is working in this workspace ({'; '.join(busy[:2])}); wait for it to finish "
+            "(or stop it), then run the command again."
+        )
+
+
 def load_or_exit(params_path: str, overrides: tuple[str, ...] = ()) -> Hparams:
     with user_errors():
         return config.load(params_path, overrides)
@@ -85,6 +97,7 @@ def main() -> None:
 def pipeline_cmd(params_path: str) -> None:
     """Render dvc.yaml from params.yaml (one stage per round and control)."""
     hp = load_or_exit(params_path)
+    refuse_while_dvc_runs()
     with user_errors():
         changed = render.write(hp)
     n = hp.pruning.rounds
@@ -116,6 +129,7 @@ def run_cmd(params_path: str, jobs: int, dvc_args: tuple[str, ...]) -> None:
     from lth.pipeline import schedule
 
     hp = load_or_exit(params_path)
+    refuse_while_dvc_runs()
     with user_errors():
         changed = render.write(hp)
     if changed:  # only when the stage structure changed (rounds, controls, schedule)

@@ -61,6 +61,21 @@ def stale_stages(graph: dict[str, set[str]], env: dict[str, str] | None = None) 
     return [s for s in graph if s in changed]
 
 
+def running_dvc(root: Path) -> list[str]:
+    """`pid: command` of other DVC processes working in the project at `root` (they hold DVC's lock)."""
+    import psutil
+
+    root, found = root.resolve(), []
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        cmd, cwd = proc.info.get("cmdline") or [], proc.info.get("cwd")
+        is_dvc = any(Path(c).name == "dvc" for c in cmd[:3]) and any(c in ("repro", "exp", "queue") for c in cmd)
+        if proc.info["pid"] != os.getpid() and is_dvc and cwd and Path(cwd).resolve() == root:
+            found.append(
+                f"{proc.info['pid']}: {' '.join(Path(cmd[0]).name if i == 0 else c for i, c in enumerate(cmd))}"
+            )
+    return found
+
+
 def recorded_changes(stage: str, env: dict[str, str] | None = None) -> list[str]:
     """What differs from dvc.lock's record of `stage`, inputs first: "input data/prepared modified",
     "output runs/ticket/round_02 modified" (empty when the stage is as recorded or DVC cannot tell)."""
