@@ -9,7 +9,7 @@ numerics.pin()  # before torch is imported (lth verify re-trains): see lth.pipel
 import contextlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
@@ -81,6 +81,18 @@ def user_errors() -> Iterator[None]:
         raise click.ClickException(f"{e.filename}: {e.strerror or e}; check the path and its permissions.") from None
     except stage.USER_ERRORS as e:
         raise click.ClickException(str(e)) from None
+
+
+def out_option(default: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """--out/-o: a regular file to write (devices, FIFOs and sockets are refused)."""
+    return click.option(
+        "--out",
+        "-o",
+        type=click.Path(dir_okay=False),
+        default=None,
+        callback=regular_file,
+        help=f"output file [default: {default}]",
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -353,14 +365,7 @@ def compare_cmd(
 @SET_OPTION
 @click.option("--round", "round_index", type=int, default=None, help="IMP round of the ticket [default: the last]")
 @click.option("--trial", type=int, default=0, show_default=True)
-@click.option(
-    "--out",
-    "-o",
-    type=click.Path(dir_okay=False),
-    default=None,
-    callback=regular_file,
-    help="output file [default: exports/<experiment>-round_<k>-trial_<t>.pt]",
-)
+@out_option("exports/<experiment>-round_<k>-trial_<t>.pt")
 @click.option("--force", is_flag=True, help="replace an existing --out file that is not an earlier export")
 def export_cmd(
     params_path: str, overrides: tuple[str, ...], round_index: int | None, trial: int, out: str | None, force: bool
@@ -422,14 +427,7 @@ def ui_cmd(host: str, port: int) -> None:
 
 @main.command("report")
 @PARAMS_OPTION
-@click.option(
-    "--out",
-    "-o",
-    type=click.Path(dir_okay=False),
-    default=None,
-    callback=regular_file,
-    help=f"output file [default: {RESULTS_DIR}/report.html]",
-)
+@out_option(f"{RESULTS_DIR}/report.html")
 @click.option("--force", is_flag=True, help="replace an existing --out file that is not an earlier report")
 def report_cmd(params_path: str, out: str | None, force: bool) -> None:
     """Write the one-page HTML report of the experiment (key table, figures, hyperparameters and hash)

@@ -48,6 +48,26 @@ def _link_inputs(runs: Path, tmp_runs: Path, target: Path) -> None:
         (tmp_runs / rel).symlink_to(d.resolve(), target_is_directory=True)
 
 
+def _md5(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    return weights_md5(path) if path.suffix == ".pt" else hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _checks(hp: Hparams, recorded: Path, fresh: Path) -> list[tuple[str, object, object]]:
+    """(what, recorded, re-run) for the mask, the weights, the curve and every metric."""
+    old, new = read_metrics(recorded), read_metrics(fresh)
+    checks = [
+        ("mask md5 (metrics.json)", old.get("mask_md5"), new["mask_md5"]),
+        ("mask md5 (mask.pt)", pruning.mask_hash(load_mask(build_model(hp), recorded / "mask.pt")), new["mask_md5"]),
+        ("final weights md5", _md5(recorded / "final.pt"), _md5(fresh / "final.pt")),
+        ("curve.csv md5", _md5(recorded / "curve.csv"), _md5(fresh / "curve.csv")),
+    ]
+    if (fresh / "rewind.pt").exists():
+        checks.append(("rewind weights md5", _md5(recorded / "rewind.pt"), _md5(fresh / "rewind.pt")))
+    return checks + [(f"metrics.json {k}", old.get(k), new.get(k)) for k in sorted(set(old) | set(new))]
+
+
 def verify(
     hp: Hparams,
     round_index: int,
@@ -58,15 +78,15 @@ def verify(
     settings: RuntimeSettings,
     echo: Callable[[str], None] = print,
 ) -> bool:
-    """Re-run one trained network from its recorded inputs; True when everything matches exactly."""
+    """Re-run one trained network from its recorded inputs; True when everything matches exactly (or, in
+    another numeric environment, when its accuracy lies within the recorded trials' range)."""
     recorded = trial_dir(runs, kind, round_index, trial)
     missing = [n for n in OUTPUT_FILES if not (recorded / n).exists()]
     if missing:
         raise VerifyError(f"{recorded}: no recorded {', '.join(missing)}; run `dvc repro` (or `lth run`) first.")
-    old_metrics = read_metrics(recorded)
-    if old_metrics.get("hash") != hp.hash:
+    if read_metrics(recorded).get("hash") != hp.hash:
         raise VerifyError(
-            f"{recorded} was made with other hyperparameters (hash {old_metrics.get('hash')}, "
+            f"{recorded} was made with other hyperparameters (hash {read_metrics(recorded).get('hash')}, "
             f"params.yaml gives {hp.hash}); `dvc repro` or `dvc exp apply` the matching ones first."
         )
     label = f"{kind} round {round_index} trial {trial}"
@@ -75,40 +95,13 @@ def verify(
     # The thread count the round's stage used (its trials shared the cores): threads change the last bits.
     torch.set_num_threads(settings.threads_for(hp.model.name, settings.workers_for(hp.trials)))
     with tempfile.TemporaryDirectory(prefix="lth-verify-") as tmp:
-        tmp_runs = Path(tmp) / "runs"
-        _link_inputs(runs, tmp_runs, recorded)
-        run_trial(Trial(hp, kind, round_index, trial, tmp_runs), data, settings.without_checkpoints())
-        fresh = trial_dir(tmp_runs, kind, round_index, trial)
-        new_metrics = read_metrics(fresh)
+        _link_inputs(runs, Path(tmp) / "runs", recorded)
+        run_trial(Trial(hp, kind, round_index, trial, Path(tmp) / "runs"), data, settings.without_checkpoints())
+        fresh = trial_dir(Path(tmp) / "runs", kind, round_index, trial)
+        checks, new_metrics = _checks(hp, recorded, fresh), read_metrics(fresh)
         env_changes = differences(
             read_run_info(recorded).get("environment", {}), read_run_info(fresh).get("environment", {})
         )
-        checks = [
-            ("mask md5 (metrics.json)", old_metrics.get("mask_md5"), new_metrics["mask_md5"]),
-            (
-                "mask md5 (mask.pt)",
-                pruning.mask_hash(load_mask(build_model(hp), recorded / "mask.pt")),
-                new_metrics["mask_md5"],
-            ),
-            ("final weights md5", weights_md5(recorded / "final.pt"), weights_md5(fresh / "final.pt")),
-            (
-                "curve.csv md5",
-                hashlib.md5((recorded / "curve.csv").read_bytes()).hexdigest(),
-                hashlib.md5((fresh / "curve.csv").read_bytes()).hexdigest(),
-            ),
-        ]
-        if (fresh / "rewind.pt").exists():
-            checks.append(
-                (
-                    "rewind weights md5",
-                    weights_md5(recorded / "rewind.pt") if (recorded / "rewind.pt").exists() else None,
-                    weights_md5(fresh / "rewind.pt"),
-                )
-            )
-        checks += [
-            (f"metrics.json {k}", old_metrics.get(k), new_metrics.get(k))
-            for k in sorted(set(old_metrics) | set(new_metrics))
-        ]
     bad = [(what, old, new) for what, old, new in checks if old != new]
     for what, old, new in bad:
         echo(f"  MISMATCH {what}: recorded {old!r}, re-run {new!r}")
@@ -117,8 +110,8 @@ def verify(
             f"lth verify: the numeric environment differs from the recorded one ({'; '.join(env_changes)}): "
             "bit identity is not expected, agreement within the spread of trials is."
         )
-    if bad and env_changes:
-        return _within_spread(new_metrics, recorded.parent, label, echo)
+        if bad:
+            return _within_spread(new_metrics, recorded.parent, label, echo)
     if bad:
         echo(
             f"lth verify: FAIL: {label} does not reproduce ({len(bad)} of {len(checks)} checks differ). "
@@ -127,7 +120,7 @@ def verify(
         return False
     echo(
         f"lth verify: PASS: {label} reproduces exactly ({len(checks)} checks: mask {new_metrics['mask_md5']}, "
-        f"final weights, curve, every metric)"
+        "final weights, curve, every metric)"
     )
     return True
 

@@ -66,45 +66,82 @@ def selected_rounds(rounds: int) -> list[int]:
     return [k for k in (0, 3, 7, 12, 15, 18) if k <= rounds] or [0]
 
 
-def render(hp: Hparams) -> str:
-    stages: dict[str, Any] = {
-        "prepare": {
-            "cmd": "python stages/prepare.py",
-            "deps": ["stages/prepare.py", *PREPARE_CODE],
-            "params": PREPARE_PARAMS,
-            "outs": [DATA_DIR],
-        }
+def _train_stage(kind: str, k: int, deps: list[str], params: list[str]) -> dict[str, Any]:
+    return {
+        "cmd": f"python stages/train_round.py --kind {kind} --round {k}",
+        "deps": ["stages/train_round.py", *TRAIN_DEPS, DATA_DIR, *deps],
+        "params": params,
+        "outs": [round_out(kind, k)],
     }
-    train_deps = ["stages/train_round.py", *TRAIN_DEPS, DATA_DIR]
-    outs = []
+
+
+def _train_stages(hp: Hparams) -> dict[str, Any]:
+    """One stage per ticket round (round k needs round 0's rewind weights and, iterative, round k-1), then one
+    per control round (it branches off the ticket round; random pruning also takes round 0's weights)."""
+    stages = {}
     for k in range(hp.pruning.rounds + 1):
-        deps = list(train_deps)
-        if k > 0:
-            deps.append(round_out("ticket", 0))
-            if hp.pruning.schedule == "iterative" and k > 1:
-                deps.append(round_out("ticket", k - 1))
-        stages[stage_name("ticket", k)] = {
-            "cmd": f"python stages/train_round.py --kind ticket --round {k}",
-            "deps": deps,
-            "params": ROUND0_PARAMS if k == 0 else ROUND_PARAMS,
-            "outs": [round_out("ticket", k)],
-        }
-        outs.append(round_out("ticket", k))
+        previous = [round_out("ticket", k - 1)] if hp.pruning.schedule == "iterative" and k > 1 else []
+        deps = [round_out("ticket", 0), *previous] if k > 0 else []
+        stages[stage_name("ticket", k)] = _train_stage("ticket", k, deps, ROUND0_PARAMS if k == 0 else ROUND_PARAMS)
     for kind in control_kinds(hp):
         for k in range(1, hp.pruning.rounds + 1):
-            deps = [*train_deps, round_out("ticket", k)]
-            if kind == "random_pruning":
-                deps.append(round_out("ticket", 0))
-            stages[stage_name(kind, k)] = {
-                "cmd": f"python stages/train_round.py --kind {kind} --round {k}",
-                "deps": deps,
-                "params": ROUND_PARAMS,
-                "outs": [round_out(kind, k)],
+            deps = [round_out("ticket", k)] + ([round_out("ticket", 0)] if kind == "random_pruning" else [])
+            stages[stage_name(kind, k)] = _train_stage(kind, k, deps, ROUND_PARAMS)
+    return stages
+
+
+def _sparsity_plot(columns: list[str], y_label: str, title: str) -> dict[str, Any]:
+    return {
+        "template": "lth_sparsity",
+        "x": "percent_remaining",
+        "y": {f"{RESULTS_DIR}/plots/sparsity.csv": columns},
+        "x_label": "percent of weights remaining (log scale)",
+        "y_label": y_label,
+        "title": title,
+    }
+
+
+def _plots(hp: Hparams) -> list[Any]:
+    """The top-level plots: accuracy and early-stop iteration against sparsity, learning curves, the PNGs."""
+    controls = control_kinds(hp)
+    accuracy = [
+        "ticket_test_accuracy_at_early_stop",
+        "ticket_test_accuracy_final",
+        *[f"{c}_test_accuracy_at_early_stop" for c in controls],
+    ]
+    early_stop = ["ticket_early_stop_iteration", *[f"{c}_early_stop_iteration" for c in controls]]
+    curves = [f"round_{k:02d}" for k in selected_rounds(hp.pruning.rounds)]
+    return [
+        {"accuracy": _sparsity_plot(accuracy, "test accuracy", "Test accuracy against sparsity")},
+        {
+            "early_stop": _sparsity_plot(
+                early_stop, "early-stopping iteration", "Early-stopping iteration against sparsity"
+            )
+        },
+        {
+            "learning_curves": {
+                "x": "iteration",
+                "y": {f"{RESULTS_DIR}/plots/curves.csv": curves},
+                "x_label": "iteration",
+                "y_label": "test accuracy",
+                "title": "Test accuracy during training, selected rounds",
             }
-            outs.append(round_out(kind, k))
-    stages["evaluate"] = {
+        },
+        f"{RESULTS_DIR}/figures",
+    ]
+
+
+def render(hp: Hparams) -> str:
+    prepare = {
+        "cmd": "python stages/prepare.py",
+        "deps": ["stages/prepare.py", *PREPARE_CODE],
+        "params": PREPARE_PARAMS,
+        "outs": [DATA_DIR],
+    }
+    train = _train_stages(hp)
+    evaluate = {
         "cmd": "python stages/evaluate.py",
-        "deps": ["stages/evaluate.py", *EVALUATE_CODE, *outs],
+        "deps": ["stages/evaluate.py", *EVALUATE_CODE, *[s["outs"][0] for s in train.values()]],
         "params": ["pruning.rounds", *[f"controls.{switch}" for switch in CONTROLS.values()]],
         "outs": [f"{RESULTS_DIR}/report.html"],
         "metrics": [{f"{RESULTS_DIR}/metrics.json": {"cache": False}}],
@@ -114,56 +151,7 @@ def render(hp: Hparams) -> str:
             {f"{RESULTS_DIR}/figures": {"cache": False}},
         ],
     }
-    doc = {
-        "stages": stages,
-        "plots": [
-            {
-                "accuracy": {
-                    "template": "lth_sparsity",
-                    "x": "percent_remaining",
-                    "y": {
-                        f"{RESULTS_DIR}/plots/sparsity.csv": [
-                            "ticket_test_accuracy_at_early_stop",
-                            "ticket_test_accuracy_final",
-                            *[f"{c}_test_accuracy_at_early_stop" for c in control_kinds(hp)],
-                        ]
-                    },
-                    "x_label": "percent of weights remaining (log scale)",
-                    "y_label": "test accuracy",
-                    "title": "Test accuracy against sparsity",
-                }
-            },
-            {
-                "early_stop": {
-                    "template": "lth_sparsity",
-                    "x": "percent_remaining",
-                    "y": {
-                        f"{RESULTS_DIR}/plots/sparsity.csv": [
-                            "ticket_early_stop_iteration",
-                            *[f"{c}_early_stop_iteration" for c in control_kinds(hp)],
-                        ]
-                    },
-                    "x_label": "percent of weights remaining (log scale)",
-                    "y_label": "early-stopping iteration",
-                    "title": "Early-stopping iteration against sparsity",
-                }
-            },
-            {
-                "learning_curves": {
-                    "x": "iteration",
-                    "y": {
-                        f"{RESULTS_DIR}/plots/curves.csv": [
-                            f"round_{k:02d}" for k in selected_rounds(hp.pruning.rounds)
-                        ]
-                    },
-                    "x_label": "iteration",
-                    "y_label": "test accuracy",
-                    "title": "Test accuracy during training, selected rounds",
-                }
-            },
-            f"{RESULTS_DIR}/figures",
-        ],
-    }
+    doc = {"stages": {"prepare": prepare, **train, "evaluate": evaluate}, "plots": _plots(hp)}
     return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
 
 
