@@ -3,6 +3,7 @@ unpickling, md5 verification, clear errors, and a few training steps of Conv-2 o
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -11,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from lth.core.data import CIFAR_DIR, DataError, load_prepared, prepare
-from lth.core.hparams import DatasetHparams, TrainingHparams, from_dict
+from lth.core.config import from_dict
+from lth.core.data import DataError, load_prepared, prepare
+from lth.core.datasets import CIFAR_DIR
+from lth.core.hparams import DatasetHparams, TrainingHparams
 from lth.core.registry import build_model
-from lth.core.training import train
+from lth.core.training import TrainJob, train
 
 PER_BATCH = 120  # images per file (the real files hold 10,000)
 FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
@@ -132,9 +135,8 @@ def test_conv2_trains_on_cifar(cifar_root: Path, tmp_path: Path) -> None:
     hp = from_dict({"dataset": {"name": "cifar10"}, "model": {"name": "conv2"}})
     model = build_model(hp)
     model.reset_parameters(torch.Generator().manual_seed(0))
-    result = train(
-        model, data, TrainingHparams(lr=1e-3, batch_size=20, iterations=20, eval_every=10, test_every=10), seed=0
-    )
+    t = TrainingHparams(lr=1e-3, batch_size=20, iterations=20, eval_every=10, test_every=10)
+    result = train(model, data, TrainJob(t, seed=0))
     assert [r["iteration"] for r in result.curve] == [0, 10, 20]
     assert result.curve[-1]["val_loss"] < result.curve[0]["val_loss"]
 
@@ -151,26 +153,24 @@ def test_resnet20_trains_with_augmentation(cifar_root: Path, tmp_path: Path) -> 
     t = TrainingHparams(
         optimizer="sgd", lr=0.05, momentum=0.9, batch_size=20, iterations=10, eval_every=10, test_every=10
     )
-    first = train(model, data, t, seed=0)
+    first = train(model, data, TrainJob(t, seed=0))
     model.reset_parameters(torch.Generator().manual_seed(0))
-    again = train(model, data, t, seed=0)
+    again = train(model, data, TrainJob(t, seed=0))
     assert first.curve[-1]["train_loss"] == again.curve[-1]["train_loss"]  # augmentation is seeded
 
 
 @pytest.mark.slow
-def test_resnet20_rewind_preset_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resnet20_rewind_preset_pipeline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_project, preset_params
+) -> None:
     """`dvc repro` of the resnet20_rewind preset, shortened, with both controls, on small CIFAR files:
     global pruning of the convs only, late resetting, BatchNorm and augmentation through the real stages."""
-    import json
-
-    from tests.conftest import make_project, preset_params
-
     write_cifar(tmp_path / "raw")
     monkeypatch.setenv("LTH_DATA_DIR", str(tmp_path / "raw"))
     monkeypatch.setenv("LTH_ALLOW_UNVERIFIED_DATA", "1")
     params = preset_params(
         "resnet20_rewind",
-        **{
+        {
             "dataset.validation_size": 100,
             "training.batch_size": 20,
             "training.iterations": 20,
@@ -184,7 +184,7 @@ def test_resnet20_rewind_preset_pipeline(tmp_path: Path, monkeypatch: pytest.Mon
             "runtime.threads": 1,
         },
     )
-    proj = make_project(tmp_path / "project", params)
+    proj = make_project(params)
     proj.dvc("repro")
     metrics = json.loads((proj.root / "results" / "metrics.json").read_text())
     assert {"ticket", "reinit", "random_pruning"} <= set(metrics)

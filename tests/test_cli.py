@@ -6,67 +6,33 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from html.parser import HTMLParser
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import torch
+from click.testing import CliRunner
 
-from tests.conftest import Project, make_project, needs_mnist
-
-SMALL = {
-    "pruning.rounds": 1,
-    "training.iterations": 100,
-    "training.eval_every": 50,
-    "training.test_every": 50,
-    "trials": 2,
-    "controls.random_reinit": True,
-}
+import lth
+from lth.cli import main
+from tests.helpers import Cells, Project
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Project:
-    p = make_project(tmp_path_factory.mktemp("cli") / "project", SMALL)
-    p.lth("run")
-    return p
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Cells(HTMLParser):
-    """Text of each <td> of the table with id `table_id`, row by row."""
-
-    def __init__(self, table_id: str):
-        super().__init__()
-        self.table_id, self.inside, self.rows, self.cell = table_id, False, [], None
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        if tag == "table" and dict(attrs).get("id") == self.table_id:
-            self.inside = True
-        elif self.inside and tag == "tr":
-            self.rows.append([])
-        elif self.inside and tag == "td":
-            self.cell = ""
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "table":
-            self.inside = False
-        elif self.inside and tag == "td" and self.cell is not None:
-            self.rows[-1].append(self.cell.strip())
-            self.cell = None
-
-    def handle_data(self, data: str) -> None:
-        if self.cell is not None:
-            self.cell += data
+@pytest.fixture
+def trained(trained_project: Callable[..., Project], lenet_params) -> Project:
+    """`lth run` of LeNet, 2 rounds (0, 1) of 100 iterations, two trials, with random reinitialization."""
+    small = {
+        "pruning.rounds": 1,
+        "training.iterations": 100,
+        "training.eval_every": 50,
+        "training.test_every": 50,
+        "trials": 2,
+        "controls.random_reinit": True,
+    }
+    return trained_project(lenet_params(small), ("lth.cli", "run"))
 
 
 def metrics(p: Project, kind: str, round_index: int) -> list[dict]:
@@ -76,7 +42,7 @@ def metrics(p: Project, kind: str, round_index: int) -> list[dict]:
     ]
 
 
-@needs_mnist
+@pytest.mark.mnist
 def test_evaluate_writes_html_report_with_key_table(trained: Project) -> None:
     page = (trained.root / "results" / "report.html").read_text()
     table = Cells("key-table")
@@ -96,8 +62,8 @@ def test_evaluate_writes_html_report_with_key_table(trained: Project) -> None:
     assert out.read_text() == page
 
 
-@needs_mnist
-def test_compare_reads_workspace_then_mlflow(trained: Project, tmp_path: Path) -> None:
+@pytest.mark.mnist
+def test_compare_reads_workspace_then_mlflow(trained: Project) -> None:
     ticket1 = metrics(trained, "ticket", 1)
     h = ticket1[0]["hash"]
     other = trained.root / "other.yaml"
@@ -105,11 +71,8 @@ def test_compare_reads_workspace_then_mlflow(trained: Project, tmp_path: Path) -
     out = trained.lth("compare", "params.yaml", "-S", "training.lr=3e-4", "--no-mlflow").stdout
     assert f"hash {h}" in out and "training.lr=0.0003" in out and "no results for: training.lr=3e-4" in out
     # Without the workspace outputs, the same numbers come from MLflow (by hash prefix).
-    shutil.move(trained.root / "runs", tmp_path / "runs")
-    try:
-        out = trained.lth("compare", h[:8], "other.yaml").stdout
-    finally:
-        shutil.move(tmp_path / "runs", trained.root / "runs")
+    shutil.rmtree(trained.root / "runs")
+    out = trained.lth("compare", h[:8], "other.yaml").stdout
     assert "MLflow (6 networks)" in out  # 2 trials x (2 ticket rounds + 1 reinit round), per experiment
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("1 "))
     accs = [m["test_accuracy_at_early_stop"] for m in ticket1]
@@ -118,7 +81,7 @@ def test_compare_reads_workspace_then_mlflow(trained: Project, tmp_path: Path) -
     assert bad.returncode != 0 and "neither an existing params file nor an experiment hash" in bad.stderr
 
 
-@needs_mnist
+@pytest.mark.mnist
 def test_export_cli_loads_in_plain_pytorch(trained: Project) -> None:
     trained.lth("export", "--round", "1", "--trial", "1", "--out", "ticket.pt")
     doc = torch.load(trained.root / "ticket.pt", weights_only=True)
@@ -132,8 +95,8 @@ def test_export_cli_loads_in_plain_pytorch(trained: Project) -> None:
     assert bad.returncode != 0 and "round 5 is not in this experiment" in bad.stderr
 
 
-def test_ui_serves_the_project_store(project: Project) -> None:
-    port = free_port()
+def test_ui_serves_the_project_store(project: Project, free_port: int) -> None:
+    port = free_port
     proc = subprocess.Popen(
         [sys.executable, "-m", "lth.cli", "ui", "--port", str(port)],
         cwd=project.root,
@@ -164,7 +127,10 @@ def test_ui_serves_the_project_store(project: Project) -> None:
 
 @pytest.mark.parametrize("command", ["compare", "export", "ui", "report", "sweep"])
 def test_help(command: str) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "lth.cli", command, "--help"], capture_output=True, text=True, check=True
-    ).stdout
-    assert "Usage:" in out and len(out.splitlines()) > 6
+    out = CliRunner().invoke(main, [command, "--help"])
+    assert out.exit_code == 0 and "Usage:" in out.output and len(out.output.splitlines()) > 6
+
+
+def test_version() -> None:
+    out = CliRunner().invoke(main, ["--version"])
+    assert out.exit_code == 0 and out.output.strip() == f"lth, version {lth.__version__}"

@@ -7,26 +7,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from lth.core.data import DataError, load_prepared, prepare
+from lth.core.data import DataError, load_prepared, prepare, prepared_path
 from lth.core.hparams import DatasetHparams
-from tests.conftest import needs_mnist
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "mnist.pt"
-    sizes = prepare(DatasetHparams(), out)
-    assert sizes == {"train": 55000, "val": 5000, "test": 10000}
-    return out
+@pytest.fixture
+def prepared(mnist_dir: Path) -> Path:
+    return prepared_path(mnist_dir, DatasetHparams())
 
 
-@needs_mnist
+@pytest.mark.mnist
 def test_split_is_seeded_and_disjoint(prepared: Path, tmp_path: Path) -> None:
     raw = torch.load(prepared, weights_only=True)
     assert raw["train_x"].dtype == torch.uint8 and raw["train_x"].shape == (55000, 1, 28, 28)
     # The same seed gives the same split; another seed another one.
     again = tmp_path / "again.pt"
-    prepare(DatasetHparams(), again)
+    assert prepare(DatasetHparams(), again) == {"train": 55000, "val": 5000, "test": 10000}
     assert torch.equal(torch.load(again, weights_only=True)["val_x"], raw["val_x"])
     other = tmp_path / "other.pt"
     prepare(DatasetHparams(split_seed=1), other)
@@ -37,7 +33,7 @@ def test_split_is_seeded_and_disjoint(prepared: Path, tmp_path: Path) -> None:
     assert overlap < 10
 
 
-@needs_mnist
+@pytest.mark.mnist
 def test_normalized_with_training_statistics(prepared: Path) -> None:
     data = load_prepared(prepared, DatasetHparams())
     assert abs(float(data.train.x.mean())) < 1e-4 and abs(float(data.train.x.std()) - 1) < 1e-3

@@ -5,20 +5,22 @@ Corrupted copies are written into tmp directories; the shared MNIST copy is only
 from __future__ import annotations
 
 import gzip
+import json
 import os
-import shutil
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from lth.core import hparams
-from lth.core.data import MNIST_SIZES, DataError, load_prepared, prepare
+from lth.core import config
+from lth.core.data import DataError, load_prepared, prepare, prepared_path
+from lth.core.datasets import MNIST_SIZES
 from lth.core.hparams import DatasetHparams, Hparams
-from lth.lottery import round as imp
-from tests.conftest import ROOT, needs_mnist
+from lth.core.registry import build_model
+from lth.lottery.branches import init_model
+from lth.lottery.layout import load_mask, load_weights, trial_dir
+from tests.helpers import Project
 
 MNIST_RAW = Path(os.environ.get("LTH_DATA_DIR", "data/raw")) / "MNIST" / "raw"
 
@@ -33,7 +35,7 @@ def mnist_root(tmp_path: Path, skip: str | None = None) -> Path:
     return tmp_path / "root"
 
 
-@needs_mnist
+@pytest.mark.mnist
 def test_truncated_mnist_file(tmp_path: Path) -> None:
     name = "train-labels-idx1-ubyte"
     root = mnist_root(tmp_path, skip=name)
@@ -45,7 +47,7 @@ def test_truncated_mnist_file(tmp_path: Path) -> None:
     assert not (tmp_path / "out.pt").exists()
 
 
-@needs_mnist
+@pytest.mark.mnist
 def test_corrupt_mnist_file_of_the_right_size(tmp_path: Path) -> None:
     name = "t10k-labels-idx1-ubyte"
     root = mnist_root(tmp_path, skip=name)
@@ -56,7 +58,7 @@ def test_corrupt_mnist_file_of_the_right_size(tmp_path: Path) -> None:
     assert "good copy" in str(e.value)
 
 
-@needs_mnist
+@pytest.mark.mnist
 def test_corrupt_gz_file(tmp_path: Path) -> None:
     name = "train-labels-idx1-ubyte"
     root = mnist_root(tmp_path, skip=name)
@@ -67,7 +69,7 @@ def test_corrupt_gz_file(tmp_path: Path) -> None:
     assert str(gz) in str(e.value) and "md5 mismatch" in str(e.value) and "Delete it" in str(e.value)
 
 
-@needs_mnist
+@pytest.mark.mnist
 def test_missing_mnist_file_is_named_without_trying_to_download(tmp_path: Path) -> None:
     root = mnist_root(tmp_path, skip="t10k-images-idx3-ubyte")
     with pytest.raises(DataError) as e:
@@ -75,23 +77,20 @@ def test_missing_mnist_file_is_named_without_trying_to_download(tmp_path: Path) 
     assert "lacks t10k-images-idx3-ubyte" in str(e.value) and "LTH_DATA_DIR" in str(e.value)
 
 
-@needs_mnist
-def test_prepare_stage_fails_naming_the_file(tmp_path: Path) -> None:
+@pytest.mark.mnist
+def test_prepare_stage_fails_naming_the_file(tmp_path: Path, workdir: Callable[..., Project], lenet_params) -> None:
     name = "train-images-idx3-ubyte"
     root = mnist_root(tmp_path, skip=name)
     bad = root / "MNIST" / "raw" / name
     bad.write_bytes(b"\0" * 100)
-    work = tmp_path / "work"
-    for d in ("stages", "src"):
-        shutil.copytree(ROOT / d, work / d, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    shutil.copy(ROOT / "params.yaml", work / "params.yaml")
-    env = {**os.environ, "PYTHONPATH": str(work / "src"), "LTH_DATA_DIR": str(root)}
-    proc = subprocess.run(
-        [sys.executable, "stages/prepare.py"], cwd=work, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode != 0
-    assert f"{bad} is truncated or corrupt (100 bytes, expected {MNIST_SIZES[name]})" in proc.stderr
-    assert not (work / "data").exists()
+    work = workdir(lenet_params())
+    work.env["LTH_DATA_DIR"] = str(root)
+    proc = work.python("stages/prepare.py", check=False, timeout=300)
+    assert proc.returncode == 1  # a user error: one line naming the file and the fix, no traceback
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"lth: {bad} is truncated or corrupt (100 bytes, expected {MNIST_SIZES[name]})")
+    assert "good copy" in line
+    assert not (work.root / "data").exists()
 
 
 # --------------------------------------------------------------------------------- prepared tensors
@@ -129,7 +128,7 @@ class NotATensor:
 
 
 def lenet() -> torch.nn.Module:
-    return imp.init_model(Hparams(), 0)
+    return init_model(Hparams(), 0)
 
 
 def test_mask_of_the_wrong_shape_or_layers(tmp_path: Path) -> None:
@@ -137,30 +136,30 @@ def test_mask_of_the_wrong_shape_or_layers(tmp_path: Path) -> None:
     good = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters() if n.endswith("weight")}
     path = tmp_path / "mask.pt"
     torch.save(good, path)
-    assert imp.load_mask(model, path).keys() == good.keys()
+    assert load_mask(model, path).keys() == good.keys()
     wrong = dict(good, **{"layers.0.weight": torch.ones(10, 784, dtype=torch.bool)})
     torch.save(wrong, path)
     with pytest.raises(ValueError, match=r"mask 'layers.0.weight' has shape \(10, 784\)") as e:
-        imp.load_mask(model, path)
+        load_mask(model, path)
     assert str(path) in str(e.value) and "re-run its stage" in str(e.value)
     torch.save({k: v for k, v in good.items() if k != "layers.2.weight"}, path)
     with pytest.raises(ValueError, match=r"missing \['layers.2.weight'\]"):
-        imp.load_mask(model, path)
+        load_mask(model, path)
     torch.save({k: v.float() for k, v in good.items()}, path)
     with pytest.raises(ValueError, match="torch.float32"):
-        imp.load_mask(model, path)
+        load_mask(model, path)
 
 
 def test_weights_of_the_wrong_shape(tmp_path: Path) -> None:
     model = lenet()
     path = tmp_path / "final.pt"
-    state = imp.init_model(Hparams(), 1).state_dict()
+    state = init_model(Hparams(), 1).state_dict()
     torch.save(state, path)
-    imp.load_weights(model, path)
+    load_weights(model, path)
     assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)
     torch.save(dict(state, **{"layers.1.weight": torch.zeros(3, 3)}), path)
     with pytest.raises(ValueError, match=r"do not fit .*layers.1.weight") as e:
-        imp.load_weights(model, path)
+        load_weights(model, path)
     assert str(path) in str(e.value) and "re-run that stage" in str(e.value)
 
 
@@ -175,7 +174,7 @@ def test_weights_of_the_wrong_shape(tmp_path: Path) -> None:
 def test_non_tensor_files_are_refused(tmp_path: Path, obj: object, message: str) -> None:
     path = tmp_path / "mask.pt"
     torch.save(obj, path)
-    for load in (imp.load_mask, imp.load_weights):
+    for load in (load_mask, load_weights):
         with pytest.raises(ValueError, match=message) as e:
             load(lenet(), path)
         assert str(path) in str(e.value)
@@ -183,41 +182,23 @@ def test_non_tensor_files_are_refused(tmp_path: Path, obj: object, message: str)
 
 def test_missing_input_names_the_stage_to_run(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="mask not found; run the stage that makes it"):
-        imp.load_mask(lenet(), tmp_path / "mask.pt")
+        load_mask(lenet(), tmp_path / "mask.pt")
 
 
-def test_train_stage_refuses_a_mask_of_another_network(tmp_path: Path) -> None:
+def test_train_stage_refuses_a_mask_of_another_network(workdir: Callable[..., Project], xor_params) -> None:
     """Round 1 reads round 0's outputs: a mask made for another network stops it before training."""
-    import yaml
-
-    work = tmp_path / "work"
-    for d in ("stages", "src"):
-        shutil.copytree(ROOT / d, work / d, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (work / "params.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "dataset": {"name": "xor", "validation_size": 1000},
-                "model": {"name": "xor"},
-                "training": {"iterations": 100},
-            }
-        )
-    )
-    prepare(DatasetHparams(name="xor", validation_size=1000), work / "data" / "prepared" / "xor.pt")
-    round0 = imp.trial_dir(work / "runs", "ticket", 0, 0)
+    work = workdir(xor_params())
+    hp = config.load(work.root / "params.yaml")
+    prepare(hp.dataset, prepared_path(work.root / "data" / "prepared", hp.dataset))
+    round0 = trial_dir(work.root / "runs", "ticket", 0, 0)
     round0.mkdir(parents=True)
-    model = imp.build_model(hparams.load(work / "params.yaml"))
+    model = build_model(hp)
     for name in ("final.pt", "rewind.pt"):
         torch.save(model.state_dict(), round0 / name)
     torch.save({n: torch.ones(7, 7, dtype=torch.bool) for n in model.layer_kinds()}, round0 / "mask.pt")
-    env = {**os.environ, "PYTHONPATH": str(work / "src"), "LTH_CHECKPOINT_DIR": str(tmp_path / "ckpt")}
-    proc = subprocess.run(
-        [sys.executable, "stages/train_round.py", "--round", "1"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode != 0
-    assert "runs/ticket/round_00/trial_0/mask.pt: mask '" in proc.stderr and "re-run its stage" in proc.stderr
-    assert not (work / "runs" / "ticket" / "round_01").exists()
+    (round0 / "metrics.json").write_text(json.dumps({"hash": hp.hash}))  # of this experiment, but a wrong mask
+    proc = work.python("stages/train_round.py", "--round", "1", check=False, timeout=300)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("lth: runs/ticket/round_00/trial_0/mask.pt: mask '") and "re-run its stage" in line
+    assert not (work.root / "runs" / "ticket" / "round_01").exists()

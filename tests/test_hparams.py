@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import subprocess
-import sys
+from collections.abc import Callable
+from dataclasses import field
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lth.core import hparams, registry
-from lth.core.hparams import Hparams, HparamsError, from_dict
-from tests.conftest import ROOT
+from lth.core import config, hparams, registry
+from lth.core.config import HparamsError, from_dict
+from lth.core.hparams import Hparams, TrainingHparams
+from tests.helpers import ROOT, Project
+
+# The default experiment's hash since hash format 1 (lth 0.1, commit 4dfd8e8): results recorded under it
+# (DVC outputs, MLflow experiments, exported tickets) stay findable.
+DEFAULT_HASH = "e9058de26e23c708d0159ec02f7ad05f"
+# Every hyperparameter at its default, as a params document.
+DEFAULT_DOC = {**Hparams().to_dict(), "runtime": {"device": "auto", "threads": 0}}
 
 
 def problems(doc: dict) -> list[str]:
@@ -91,7 +96,7 @@ def test_non_positive_counts(key: str, value: int) -> None:
 )
 def test_wrong_types(key: str, value: object, expected: str) -> None:
     doc: dict = {}
-    hparams._set_dotted(doc, key, value)
+    config._set_dotted(doc, key, value)
     assert only(doc) == expected
 
 
@@ -176,16 +181,16 @@ def test_every_problem_is_reported_at_once_one_line_each() -> None:
 
 def write_params(tmp_path: Path, doc: dict | None = None) -> Path:
     path = tmp_path / "params.yaml"
-    path.write_text((ROOT / "params.yaml").read_text() if doc is None else yaml.safe_dump(doc))
+    path.write_text(yaml.safe_dump(DEFAULT_DOC if doc is None else doc))
     return path
 
 
 def test_overrides(tmp_path: Path) -> None:
     path = write_params(tmp_path)
-    hp = hparams.load(path, ["training.lr=3e-4", "training.lr_milestones=[10, 20]", "controls.random_reinit=true"])
+    hp = config.load(path, ["training.lr=3e-4", "training.lr_milestones=[10, 20]", "controls.random_reinit=true"])
     assert hp.training.lr == 3e-4 and hp.training.lr_milestones == [10, 20] and hp.controls.random_reinit
     with pytest.raises(HparamsError) as e:
-        hparams.load(path, ["training.lr", "training.lrr=0.1", "training.iterations=abc", "pruning.fc_rate=1"])
+        config.load(path, ["training.lr", "training.lrr=0.1", "training.iterations=abc", "pruning.fc_rate=1"])
     assert sorted(e.value.problems) == [
         "override 'training.lr' is not of the form key=value (e.g. training.lr=3e-4)",
         "training.iterations: expected an integer, got 'abc'",
@@ -196,22 +201,22 @@ def test_overrides(tmp_path: Path) -> None:
 
 def test_params_file_problems(tmp_path: Path) -> None:
     with pytest.raises(HparamsError, match="file not found"):
-        hparams.load(tmp_path / "missing.yaml")
+        config.load(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("training: [lr: 1\n")
     with pytest.raises(HparamsError, match="not valid YAML"):
-        hparams.load(bad)
+        config.load(bad)
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(HparamsError, match="expected a mapping of sections"):
-        hparams.load(bad)
+        config.load(bad)
 
 
 # ---------------------------------------------------------------------------------------------- hash
 
 
 def test_same_params_same_hash(tmp_path: Path) -> None:
-    a = hparams.load(write_params(tmp_path))
-    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    a = config.load(write_params(tmp_path))
+    doc = DEFAULT_DOC
     reordered = {k: (dict(reversed(list(v.items()))) if isinstance(v, dict) else v) for k, v in reversed(doc.items())}
     assert from_dict(reordered).hash == a.hash == Hparams().hash  # params.yaml holds the defaults
     assert from_dict({"training": {"lr": 0.0012, "iterations": 50000.0}}).hash == a.hash
@@ -251,15 +256,78 @@ def replace(hp: Hparams, key: str, value: object) -> Hparams:
     return dataclasses.replace(hp, **{section: dataclasses.replace(getattr(hp, section), **{name: value})})
 
 
-def test_every_hyperparameter_changes_the_hash_except_rounds() -> None:
+def test_every_hyperparameter_changes_the_hash_except_rounds_and_controls() -> None:
+    """pruning.rounds extends a trajectory; controls.* switch on branches of it, told apart by their kind in
+    round_hash: neither re-keys the experiment."""
     base = Hparams()
     for key, value in changed_values().items():
         other = replace(base, key, value)
-        if key == "pruning.rounds":
-            assert other.hash == base.hash and other.round_hash(1, 0) == base.round_hash(1, 0)
+        if key == "pruning.rounds" or key.startswith("controls."):
+            assert other.hash == base.hash, key
+            assert other.round_hash(1, 0) == base.round_hash(1, 0), key
         else:
             assert other.hash != base.hash, key
             assert other.round_hash(1, 0) != base.round_hash(1, 0), key
+
+
+def test_the_default_experiment_keeps_its_hash_of_format_1() -> None:
+    assert Hparams().hash == DEFAULT_HASH
+    assert config.load(ROOT / "params.yaml").hash == DEFAULT_HASH
+    assert config.load(ROOT / "presets" / "lenet.yaml").hash == DEFAULT_HASH
+    assert Hparams().short_name == f"lenet_300_100-mnist-{DEFAULT_HASH[:8]}"
+
+
+def test_switching_on_a_control_keeps_the_hash_and_branches_by_kind() -> None:
+    ticket_only = from_dict({})
+    with_reinit = from_dict({"controls": {"random_reinit": True}})
+    assert with_reinit.controls.random_reinit
+    assert with_reinit.hash == ticket_only.hash == DEFAULT_HASH
+    assert with_reinit.canonical() == ticket_only.canonical()
+    # The ticket's networks are the same ones with or without the control...
+    assert with_reinit.round_hash(1, 0, "ticket") == ticket_only.round_hash(1, 0, "ticket")
+    # ... and the control's networks are others, told apart by their kind.
+    kinds = {with_reinit.round_hash(1, 0, kind) for kind in ("ticket", "reinit", "random_pruning")}
+    assert len(kinds) == 3
+
+
+def with_new_training_field(
+    monkeypatch: pytest.MonkeyPatch, name: str, default: object
+) -> tuple[type, Callable[..., Hparams]]:
+    """Hparams as if TrainingHparams gained the field `name` with `default`: the replacement dataclasses,
+    and the module's DEFAULTS recomputed from them, as the module computes them at import."""
+    training_cls = dataclasses.make_dataclass(
+        "TrainingHparams", [(name, type(default), field(default=default))], bases=(TrainingHparams,), frozen=True
+    )
+    hparams_cls = dataclasses.make_dataclass(
+        "Hparams", [("training", training_cls, field(default_factory=training_cls))], bases=(Hparams,), frozen=True
+    )
+    monkeypatch.setattr(hparams, "DEFAULTS", hparams.flatten(hparams_cls().to_dict()))
+
+    def convert(hp: Hparams, **training: object) -> Hparams:
+        """`hp` in the new classes, with changes to its training section."""
+        sections = {f.name: getattr(hp, f.name) for f in dataclasses.fields(hp)}
+        sections["training"] = training_cls(**{**dataclasses.asdict(hp.training), **training})
+        return hparams_cls(**sections)
+
+    return hparams_cls, convert
+
+
+@pytest.mark.parametrize("preset", ["lenet", "xor", "resnet20_rewind", "vgg19"])
+def test_a_new_field_with_its_default_leaves_every_hash_unchanged(monkeypatch: pytest.MonkeyPatch, preset: str) -> None:
+    old = config.load(ROOT / "presets" / f"{preset}.yaml")
+    old_hashes = (old.hash, old.round_hash(2, 1, "ticket"), old.round_hash(2, 1, "reinit"))
+    new_cls, convert = with_new_training_field(monkeypatch, "label_smoothing", 0.0)
+    assert hparams.DEFAULTS["training.label_smoothing"] == 0.0
+    new = convert(old)
+    assert new.to_dict()["training"]["label_smoothing"] == 0.0  # the field is really there
+    assert (new.hash, new.round_hash(2, 1, "ticket"), new.round_hash(2, 1, "reinit")) == old_hashes
+    assert new_cls().hash == DEFAULT_HASH
+    # Set to anything else, the new field is hashed: it is another experiment.
+    smoothed = convert(old, label_smoothing=0.1)
+    assert '"training.label_smoothing":0.1' in smoothed.canonical()
+    assert smoothed.hash != old.hash
+    # A new field is hashed only when it differs from its default; a field of format 1 always is.
+    assert "training.label_smoothing" not in new.canonical() and '"training.lr":' in new.canonical()
 
 
 def test_round_hash_separates_rounds_trials_and_kinds() -> None:
@@ -280,12 +348,8 @@ BAD = {"training": {"lr": "fast", "itterations": 10}, "trials": True}
 
 
 @pytest.fixture
-def bad_project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    for name in ("stages", "src"):
-        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    write_params(tmp_path, BAD)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "src"), "LTH_CHECKPOINT_DIR": str(tmp_path / "ckpt")}
-    return tmp_path, env
+def bad_project(workdir: Callable[..., Project]) -> Project:
+    return workdir(BAD)
 
 
 @pytest.mark.parametrize(
@@ -297,11 +361,9 @@ def bad_project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         ["stages/train_round.py", "--round", "0"],
     ],
 )
-def test_commands_fail_with_the_problems_before_any_work(
-    bad_project: tuple[Path, dict[str, str]], cmd: list[str]
-) -> None:
-    root, env = bad_project
-    proc = subprocess.run([sys.executable, *cmd], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+def test_commands_fail_with_the_problems_before_any_work(bad_project: Project, cmd: list[str]) -> None:
+    root = bad_project.root
+    proc = bad_project.python(*cmd, check=False, timeout=300)
     assert proc.returncode != 0
     assert "3 problem(s) in params.yaml" in proc.stderr
     assert "  - training.lr: expected a number, got 'fast'" in proc.stderr

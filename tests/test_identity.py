@@ -118,6 +118,7 @@ def test_check_stage(kind: str, round_index: int, ok: bool, tmp_path: Path) -> N
             render.check_stage(hp, kind, round_index, dvc_yaml)
 
 
+@pytest.mark.slow  # over a minute on 2 cores: run with -m slow
 def test_params_edited_during_a_run_are_never_recorded(make_project: Callable[..., Project], xor_params) -> None:
     """The reproduction of issue 11: training.lr changes while `lth run` trains round 0. The stage fails with
     one clear line; dvc.lock, the run-cache and MLflow never claim outputs of other params; a new run

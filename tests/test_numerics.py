@@ -61,6 +61,7 @@ def test_stage_uses_the_pinned_capability(trained_project: Callable[..., Project
     assert set(info["seconds"]) == {"train", "eval"}
 
 
+@pytest.mark.slow  # over a minute on 2 cores: run with -m slow
 def test_emulated_avx2_machine_gives_the_same_bits(make_project: Callable[..., Project], lenet_params) -> None:
     """The same tiny LeNet experiment in two fresh projects, one under an emulated AVX2-only machine (the
     variables the issue names, set by the test): identical masks, weights, curves and metrics. On an

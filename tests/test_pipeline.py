@@ -1,20 +1,23 @@
 """The whole pipeline, for real: `dvc repro` of a tiny LeNet/MNIST experiment in a temp git + DVC repo,
-with MLflow logging to a real sqlite store. One project is shared by the steps of this module, which
-run in order (each step builds on the previous one, as a user's session would)."""
+with MLflow logging to a real sqlite store. Every test works on its own copy of a project trained once (see
+the trained_project fixture), so none depends on what another did."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from tests.conftest import Project, make_project, needs_mnist
+from lth.core import config
+from tests.helpers import Project, output_digests
 
-pytestmark = needs_mnist
+pytestmark = pytest.mark.mnist
+
+
+ALL_STAGES = ["prepare", "ticket_round_00", "ticket_round_01", "ticket_round_02", "evaluate"]
 
 
 def trained_stages(output: str) -> list[str]:
@@ -29,33 +32,20 @@ def trained_stages(output: str) -> list[str]:
     return ran
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """MD5 of every mask, metrics file and final weights file under runs/ (what must be reproducible)."""
-    out = {}
-    for f in sorted((root / "runs").rglob("*")):
-        if f.name in ("mask.pt", "metrics.json", "final.pt", "curve.csv"):
-            if f.suffix == ".pt":
-                tensors = torch.load(f, weights_only=True)
-                digest = hashlib.md5(b"".join(k.encode() + v.numpy().tobytes() for k, v in sorted(tensors.items())))
-            else:
-                digest = hashlib.md5(f.read_bytes())
-            out[str(f.relative_to(root))] = digest.hexdigest()
-    return out
+@pytest.fixture
+def proj(trained_project: Callable[..., Project], lenet_params) -> Project:
+    """A LeNet project of 3 rounds (0, 1, 2) of 200 iterations after its first `dvc repro`."""
+    return trained_project(lenet_params({"training.iterations": 200}))
 
 
-@pytest.fixture(scope="module")
-def proj(tmp_path_factory: pytest.TempPathFactory) -> Project:
-    return make_project(tmp_path_factory.mktemp("pipeline") / "project", {"training.iterations": 200})
-
-
-@pytest.fixture(scope="module")
-def first_run(proj: Project) -> str:
-    out = proj.dvc("repro").stdout
-    return out
-
-
-def test_repro_runs_every_stage_in_order(proj: Project, first_run: str) -> None:
-    assert trained_stages(first_run) == ["prepare", "ticket_round_00", "ticket_round_01", "ticket_round_02", "evaluate"]
+def test_repro_runs_every_stage_in_order(proj: Project) -> None:
+    assert trained_stages(proj.output) == [
+        "prepare",
+        "ticket_round_00",
+        "ticket_round_01",
+        "ticket_round_02",
+        "evaluate",
+    ]
     dag = proj.dvc("dag", "--md").stdout
     for stage in ("prepare", "ticket_round_00", "ticket_round_02", "evaluate"):
         assert stage in dag
@@ -63,16 +53,19 @@ def test_repro_runs_every_stage_in_order(proj: Project, first_run: str) -> None:
     pct = [metrics["ticket"][f"round_{k:02d}"]["percent_remaining"] for k in range(3)]
     assert pct[0] == 100.0 and pct[0] > pct[1] > pct[2]
     for k in range(3):
-        m = json.loads((proj.root / "runs" / "ticket" / f"round_{k:02d}" / "trial_0" / "metrics.json").read_text())
+        trial = proj.root / "runs" / "ticket" / f"round_{k:02d}" / "trial_0"
+        m = json.loads((trial / "metrics.json").read_text())
         assert 0.5 < m["test_accuracy_at_early_stop"] <= 1.0  # LeNet learns MNIST within 200 iterations
         assert m["early_stop_iteration"] in (0, 100, 200)
+        run = json.loads((trial / "run.json").read_text())  # how it ran: measured, never compared
+        assert run["seconds"]["train"] > 0 and run["seconds"]["eval"] > 0
     for fig in ("accuracy.png", "early_stop.png", "learning_curves.png"):
         assert (proj.root / "results" / "figures" / fig).stat().st_size > 10_000
     csv_header = (proj.root / "results" / "plots" / "sparsity.csv").read_text().splitlines()[0]
     assert "percent_remaining" in csv_header and "ticket_test_accuracy_at_early_stop_min" in csv_header
 
 
-def test_pruned_weights_stay_zero_and_rewind_to_init(proj: Project, first_run: str) -> None:
+def test_pruned_weights_stay_zero_and_rewind_to_init(proj: Project) -> None:
     runs = proj.root / "runs" / "ticket"
     rewind = torch.load(runs / "round_00" / "trial_0" / "rewind.pt", weights_only=True)
     for k in (1, 2):
@@ -87,12 +80,10 @@ def test_pruned_weights_stay_zero_and_rewind_to_init(proj: Project, first_run: s
     assert all((m2[n] & ~m1[n]).sum() == 0 for n in m1)
 
 
-def test_mlflow_has_every_round(proj: Project, first_run: str) -> None:
+def test_mlflow_has_every_round(proj: Project) -> None:
     from mlflow.tracking import MlflowClient
 
-    from lth.core import hparams
-
-    hp = hparams.load(proj.root / "params.yaml")
+    hp = config.load(proj.root / "params.yaml")
     client = MlflowClient(proj.tracking_uri)
     exp = client.get_experiment_by_name(f"lth/{hp.short_name}")
     assert exp is not None
@@ -102,6 +93,7 @@ def test_mlflow_has_every_round(proj: Project, first_run: str) -> None:
         assert r.data.tags["lth.hash"] == hp.hash
         assert r.data.params["training.lr"] == "0.0012"
         assert 0 < r.data.metrics["percent_remaining"] <= 100
+        assert r.data.metrics["seconds_train"] > 0  # from run.json
         history = client.get_metric_history(r.info.run_id, "curve_val_loss")
         assert [m.step for m in history] == [0, 100, 200]
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
@@ -112,19 +104,19 @@ def test_mlflow_has_every_round(proj: Project, first_run: str) -> None:
     assert hp.hash in located and "3 runs" in located and "runs/ticket/round_02/trial_0" in located
 
 
-def test_second_repro_is_a_no_op(proj: Project, first_run: str) -> None:
+def test_second_repro_is_a_no_op(proj: Project) -> None:
     out = proj.dvc("repro").stdout
     assert trained_stages(out) == []
 
 
-def test_verify_reproduces_the_last_round(proj: Project, first_run: str) -> None:
+def test_verify_reproduces_the_last_round(proj: Project) -> None:
     """`lth verify` re-trains round 2 in its own process, whose default thread count differs from the
     stage's (one thread for LeNet): it must train the same way and find the same bits."""
     out = proj.lth("verify")
     assert "PASS" in out.stdout, out.stdout + out.stderr
 
 
-def test_adding_rounds_keeps_earlier_ones(proj: Project, first_run: str) -> None:
+def test_adding_rounds_keeps_earlier_ones(proj: Project) -> None:
     proj.set_params({"pruning.rounds": 3})
     # dvc.yaml is stale until re-rendered: the evaluate stage says so
     stale = proj.dvc("repro", check=False)
@@ -134,25 +126,25 @@ def test_adding_rounds_keeps_earlier_ones(proj: Project, first_run: str) -> None
     assert trained_stages(out) == ["ticket_round_03", "evaluate"]
 
 
-def test_changing_lr_retrains_and_going_back_restores_from_run_cache(proj: Project, first_run: str) -> None:
-    before = snapshot(proj.root)
+def test_changing_lr_retrains_and_going_back_restores_from_run_cache(proj: Project) -> None:
+    before = output_digests(proj.root)
     proj.set_params({"training.lr": 0.002})
     out = proj.dvc("repro").stdout
     assert "prepare" not in trained_stages(out)
-    assert {"ticket_round_00", "ticket_round_01", "ticket_round_02", "ticket_round_03"} <= set(trained_stages(out))
-    assert snapshot(proj.root) != before
+    assert {"ticket_round_00", "ticket_round_01", "ticket_round_02"} <= set(trained_stages(out))
+    assert output_digests(proj.root) != before
     proj.set_params({"training.lr": 0.0012})
     out = proj.dvc("repro").stdout
     assert [s for s in trained_stages(out) if s.startswith("ticket")] == [], out
-    assert snapshot(proj.root) == before
+    assert output_digests(proj.root) == before
 
 
-def test_regenerate_from_nothing(proj: Project, first_run: str) -> None:
+def test_regenerate_from_nothing(proj: Project) -> None:
     """Delete every output and the DVC cache: `dvc repro` recomputes identical masks and metrics."""
-    before = snapshot(proj.root)
-    assert len(before) == 16  # 4 rounds x (mask, final, metrics, curve)
+    before = output_digests(proj.root)
+    assert len(before) == 12  # 3 rounds x (mask, final, metrics, curve)
     for d in ("runs", "data", "results", ".dvc/cache", ".lth"):
         shutil.rmtree(proj.root / d, ignore_errors=True)
     out = proj.dvc("repro").stdout
-    assert "ticket_round_03" in trained_stages(out)
-    assert snapshot(proj.root) == before
+    assert trained_stages(out) == ALL_STAGES
+    assert output_digests(proj.root) == before

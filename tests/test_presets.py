@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,12 @@ import yaml
 from click.testing import CliRunner
 
 from lth.cli import main
-from lth.core import hparams
+from lth.core import config
 from lth.core.hparams import flatten
 from lth.core.registry import MODELS
 from lth.pipeline import presets
 from lth.pipeline import render as pipeline
-from tests.conftest import ROOT, make_project, preset_params
+from tests.helpers import ROOT, Project
 
 PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
 NAMES = [p.stem for p in PRESETS]
@@ -60,7 +61,7 @@ def test_default_params_are_the_lenet_preset() -> None:
 @pytest.mark.parametrize("path", PRESETS, ids=NAMES)
 def test_preset_is_complete_valid_and_renders(path: Path) -> None:
     assert set(flatten(doc(path))) == set(flatten(doc(ROOT / "params.yaml")))  # every key, runtime included
-    hp = hparams.load(path)
+    hp = config.load(path)
     text = pipeline.render(hp)
     stages = yaml.safe_load(text)["stages"]
     n = hp.pruning.rounds
@@ -140,7 +141,7 @@ def test_preset_has_the_paper_hyperparameters(name: str) -> None:
 
 
 def test_controls_preset_and_estimates() -> None:
-    base, reinit = hparams.load(ROOT / "presets" / "lenet.yaml"), hparams.load(ROOT / "presets" / "lenet_reinit.yaml")
+    base, reinit = config.load(ROOT / "presets" / "lenet.yaml"), config.load(ROOT / "presets" / "lenet_reinit.yaml")
     assert pipeline.control_kinds(reinit) == ["reinit", "random_pruning"]
     # 21 ticket networks, plus 20 of each control; each network is one stage, plus prepare and evaluate.
     stage = presets.STAGE_SECONDS
@@ -161,12 +162,10 @@ def git(cwd: Path, *args: str) -> str:
 
 
 @pytest.fixture
-def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A git work tree with the presets and an edited, committed params.yaml."""
+def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lenet_params) -> Path:
+    """A git work tree with the presets and a committed params.yaml of the user's own (no preset)."""
     shutil.copytree(ROOT / "presets", tmp_path / "presets")
-    edited = doc(ROOT / "params.yaml")
-    edited["training"]["iterations"] = 1000
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(lenet_params(), sort_keys=False))
     git(tmp_path, "init", "-q")
     git(tmp_path, "add", "-A")
     git(tmp_path, "commit", "-qm", "init")
@@ -221,11 +220,12 @@ def test_preset_list(repo: Path) -> None:
         assert presets.description(ROOT / "presets" / f"{name}.yaml") in line
 
 
-def test_xor_end_to_end_with_controls_and_trials(tmp_path: Path) -> None:
+@pytest.mark.slow  # over a minute on 2 cores: run with -m slow
+def test_xor_end_to_end_with_controls_and_trials(make_project: Callable[..., Project], preset_params) -> None:
     """`dvc repro` of the xor preset, shortened, with both controls and two trials."""
     params = preset_params(
         "xor",
-        **{
+        {
             "training.iterations": 200,
             "training.eval_every": 50,
             "training.test_every": 50,
@@ -234,9 +234,10 @@ def test_xor_end_to_end_with_controls_and_trials(tmp_path: Path) -> None:
             "controls.random_reinit": True,
             "controls.random_pruning": True,
             "runtime.threads": 1,
+            "runtime.workers": 1,  # the trials one after the other: no worker processes to start per stage
         },
     )
-    proj = make_project(tmp_path / "project", params)
+    proj = make_project(params)
     proj.dvc("repro")
     metrics = json.loads((proj.root / "results" / "metrics.json").read_text())
     assert {"ticket", "reinit", "random_pruning"} <= set(metrics)

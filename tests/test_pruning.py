@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from lth.core import pruning
-from lth.core.hparams import PruningHparams, from_dict
+from lth.core.config import from_dict
+from lth.core.hparams import PruningHparams
 from lth.core.models.base import PrunableModel
 from lth.core.registry import build_model
-from lth.lottery import round as imp
+from lth.lottery.branches import init_model, prepare_network, trial_seed
+from lth.lottery.layout import trial_dir
 
 LENET = {"layers.0.weight": 784 * 300, "layers.1.weight": 300 * 100, "layers.2.weight": 100 * 10}
 
@@ -154,15 +156,15 @@ def test_random_prune_like_keeps_per_layer_counts() -> None:
     assert all(torch.equal(rand[n], again[n]) for n in rand)  # seeded
 
 
-def write_round0(runs: Path, m: PrunableModel, trained: PrunableModel) -> None:
+def write_round0(runs: Path, m: PrunableModel, trained: PrunableModel, experiment: str) -> None:
     """What the ticket's round 0 writes: dense mask, weights at the rewind point and after training."""
-    out = imp.trial_dir(runs, "ticket", 0, 0)
+    out = trial_dir(runs, "ticket", 0, 0)
     out.mkdir(parents=True)
     shapes = {n: p.shape for n, p in m.named_parameters()}
     torch.save(pruning.dense_mask(m.layer_kinds(), shapes), out / "mask.pt")
     torch.save(m.state_dict(), out / "rewind.pt")
     torch.save(trained.state_dict(), out / "final.pt")
-    (out / "metrics.json").write_text(json.dumps({}))
+    (out / "metrics.json").write_text(json.dumps({"hash": experiment}))
 
 
 def test_control_networks_of_a_round(tmp_path: Path) -> None:
@@ -174,30 +176,31 @@ def test_control_networks_of_a_round(tmp_path: Path) -> None:
             "pruning": {"strategy": "global", "conv_rate": 0.2, "fc_rate": 0.0, "output_rate": 0.0},
         }
     )
-    init = imp.init_model(hp, imp.trial_seed(hp, 0))
+    init = init_model(hp, trial_seed(hp, 0))
     trained = model("resnet20", seed=7)  # stands in for the trained weights
     runs = tmp_path / "runs"
-    write_round0(runs, init, trained)
+    write_round0(runs, init, trained, hp.hash)
 
-    ticket, ticket_mask, start = imp.prepare_network(hp, runs, 1, "ticket", 0)
+    ticket, ticket_mask, start = prepare_network(hp, runs, 1, "ticket", 0)
     assert start == 0
     expected = prune(trained, strategy="global", conv_rate=0.2, fc_rate=0.0, output_rate=0.0)
     assert all(torch.equal(ticket_mask[n], v) for n, v in expected.items())  # pruned by the trained weights
     w, w0 = dict(ticket.named_parameters()), dict(init.named_parameters())
     for n, m in ticket_mask.items():  # rewound to the initial weights, pruned ones zero
         assert torch.equal(w[n].detach(), w0[n].detach() * m)
-    out = imp.trial_dir(runs, "ticket", 1, 0)
+    out = trial_dir(runs, "ticket", 1, 0)
     out.mkdir(parents=True)
     torch.save(ticket_mask, out / "mask.pt")
+    (out / "metrics.json").write_text(json.dumps({"hash": hp.hash}))
 
-    reinit, reinit_mask, start = imp.prepare_network(hp, runs, 1, "reinit", 0)
+    reinit, reinit_mask, start = prepare_network(hp, runs, 1, "reinit", 0)
     assert start == 0 and all(torch.equal(reinit_mask[n], ticket_mask[n]) for n in ticket_mask)
     wr = dict(reinit.named_parameters())
     conv = "blocks.0.conv1.weight"
     assert not torch.equal(wr[conv].detach()[ticket_mask[conv]], w0[conv].detach()[ticket_mask[conv]])
     assert bool((wr[conv].detach()[~ticket_mask[conv]] == 0).all())
 
-    rand, rand_mask, _ = imp.prepare_network(hp, runs, 1, "random_pruning", 0)
+    rand, rand_mask, _ = prepare_network(hp, runs, 1, "random_pruning", 0)
     assert kept(rand_mask) == kept(ticket_mask)
     assert not torch.equal(rand_mask[conv], ticket_mask[conv])
     for n in ("blocks.3.shortcut.0.weight", "blocks.6.shortcut.0.weight", "fc.weight"):

@@ -5,25 +5,15 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from lth.core import hparams
+from lth.core import config
 from lth.tracking.store import TAG_HASH, TAG_ROUND_HASH
-from tests.conftest import make_project
+from tests.helpers import Project
 
-XOR = {
-    "dataset.name": "xor",
-    "model.name": "xor",
-    "dataset.validation_size": 1000,
-    "training.iterations": 200,
-    "training.eval_every": 50,
-    "training.test_every": 100,
-    "pruning.rounds": 1,
-    "runtime.threads": 1,
-}
 LRS = (0.01, 0.02)
 
 
@@ -46,8 +36,10 @@ def experiments(shown: Any) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_queued_experiments_run_in_parallel_with_separate_results(tmp_path: Path) -> None:
-    p = make_project(tmp_path / "p", XOR)
+def test_queued_experiments_run_in_parallel_with_separate_results(
+    make_project: Callable[..., Project], xor_params
+) -> None:
+    p = make_project(xor_params())  # 2 rounds (0, 1)
     for lr in LRS:
         p.dvc("exp", "run", "--queue", "-S", f"training.lr={lr}")
     p.dvc("queue", "start", "-j", "2")
@@ -72,7 +64,7 @@ def test_queued_experiments_run_in_parallel_with_separate_results(tmp_path: Path
     client = MlflowClient(f"sqlite:///{p.root / 'mlflow.db'}")  # the REAL repo root, not .dvc/tmp/exps/...
     assert not list((p.root / ".dvc" / "tmp").rglob("mlflow.db"))
     for lr, (params, _) in by_lr.items():
-        hp = hparams.from_dict(params)
+        hp = config.from_dict(params)
         exps = client.search_experiments(filter_string=f"tags.`{TAG_HASH}` = '{hp.hash}'")
         assert len(exps) == 1, lr
         runs = client.search_runs([exps[0].experiment_id])

@@ -237,6 +237,7 @@ HOW: dict[str, How] = {
             "--host 0.0.0.0 --port 5000": "--host 127.0.0.1 --port {port}",
         },
         server="/health",
+        slow=True,
     ),
     "lth sync-mlflow": How("sync_mlflow", where="trained", params=TRAINED),
     # Parallel experiments, waiting for the queue where the README says to.

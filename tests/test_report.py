@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from lth.core import hparams
+from lth.core.config import from_dict
+from lth.core.hparams import Hparams
 from lth.lottery.progress import RoundProgress
-from lth.reporting import aggregate as report
+from lth.reporting import aggregate, figures
 from lth.reporting import html as html_report
-from tests.test_cli import Cells
+from tests.helpers import Cells
 
 PCT = {0: 100.0, 1: 51.3, 2: 21.1}
 
@@ -50,8 +51,8 @@ def results(tmp_path: Path) -> tuple[dict, Path]:
             write_round(runs, "ticket", k, t, acc, stop)
             if k:
                 write_round(runs, "reinit", k, t, acc - 0.1, 50)
-    agg = report.aggregate(report.collect(runs))
-    curves = report.write_curves_csv(runs, [0, 2], tmp_path / "curves.csv")
+    agg = aggregate.aggregate(aggregate.collect(runs))
+    curves = aggregate.write_curves_csv(runs, [0, 2], tmp_path / "curves.csv")
     figures.plot_figures(agg, curves, tmp_path / "figures", title="exp")
     return agg, tmp_path
 
@@ -68,7 +69,7 @@ def test_learning_curves_average_trials_with_min_max(results: tuple[dict, Path])
 
 def test_html_report_tables_figures_and_hash(results: tuple[dict, Path]) -> None:
     agg, tmp = results
-    hp = hparams.from_dict({"training": {"lr": 0.0007}, "pruning": {"rounds": 2}, "controls": {"random_reinit": True}})
+    hp = from_dict({"training": {"lr": 0.0007}, "pruning": {"rounds": 2}, "controls": {"random_reinit": True}})
     page = html_report.write(hp, agg, tmp / "figures", tmp / "report.html").read_text()
     table = Cells("key-table")
     table.feed(page)
@@ -89,7 +90,7 @@ def test_html_report_tables_figures_and_hash(results: tuple[dict, Path]) -> None
 
 def test_html_report_names_missing_figures(results: tuple[dict, Path], tmp_path: Path) -> None:
     agg, _ = results
-    page = html_report.render(hparams.Hparams(), agg, tmp_path / "nothing")
+    page = html_report.render(Hparams(), agg, tmp_path / "nothing")
     assert "accuracy.png is missing" in page and "data:image/png" not in page
 
 
@@ -103,7 +104,7 @@ def test_time_left_extrapolates_from_training_not_set_up(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     now = [100.0]
-    monkeypatch.setattr("lth.progress.time.perf_counter", lambda: now[0])
+    monkeypatch.setattr("lth.lottery.progress.time.perf_counter", lambda: now[0])
     with RoundProgress("ticket round 1", 1000) as bar:
         now[0] = 110.0  # 10 s of set-up before the first evaluation
         bar.update(0, {"val_loss": 1.0, "val_accuracy": 0.1})

@@ -10,14 +10,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from lth.core import hparams
-from lth.lottery.round import checkpoint_key, trial_dir
-from tests.conftest import ROOT, make_project, needs_mnist
+from lth.core import config
+from lth.core.checkpoint import Checkpointer
+from lth.core.hparams import Hparams
+from lth.core.runtime import RuntimeSettings
+from lth.lottery.layout import trial_dir
+from lth.lottery.trial import Trial
+from tests.helpers import Project
 
 
 def assert_same_outputs(a: Path, b: Path) -> None:
@@ -44,31 +49,25 @@ def wait_for(path: Path, proc: subprocess.Popen, newer_than: float = 0.0, timeou
 
 # ------------------------------------------------------------------------- SIGTERM and Ctrl-C (fast, XOR)
 
-XOR = {
-    "dataset": {"name": "xor", "validation_size": 1000},
-    "model": {"name": "xor"},
-    "training": {"iterations": 400, "eval_every": 10, "test_every": 100, "batch_size": 60},
-    "pruning": {"rounds": 1},
-    "runtime": {"threads": 1, "checkpoint_seconds": 0},
-}
+
+@pytest.fixture
+def xor_workdir(workdir: Callable[..., Project], xor_params) -> Callable[[str], Project]:
+    """Factory: the stage scripts and library with a 400-iteration XOR params.yaml that checkpoints at every
+    evaluation (no git/DVC needed to run a stage)."""
+    params = xor_params({"training.iterations": 400, "training.eval_every": 10, "runtime.checkpoint_seconds": 0})
+    return lambda name: workdir(params, name)
 
 
-def xor_workdir(dest: Path) -> tuple[Path, dict[str, str]]:
-    """The stage scripts and library with an XOR params.yaml (no git/DVC needed to run a stage)."""
-    import yaml
-
-    dest.mkdir(parents=True)
-    for name in ("stages", "src"):
-        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (dest / "params.yaml").write_text(yaml.safe_dump(XOR))
-    env = {**os.environ, "PYTHONPATH": str(dest / "src"), "CI": "true", "LTH_CHECKPOINT_DIR": str(dest / "ckpt")}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return dest, env
+def checkpointer(p: Project, hp: Hparams, round_index: int) -> Checkpointer:
+    """The checkpoint the stage of ticket round `round_index` (trial 0) writes in project `p`."""
+    settings = RuntimeSettings(torch.device("cpu"), checkpoint_dir=p.root / "ckpt")
+    return Trial(hp, "ticket", round_index, 0, p.root / "runs").checkpointer(settings)
 
 
-def stage(cwd: Path, env: dict[str, str], *args: str, **kw) -> subprocess.Popen:
+def stage(p: Project, *args: str) -> subprocess.Popen:
+    """Start a stage script in `p`, its output and errors in one pipe."""
     return subprocess.Popen(
-        [sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
+        [sys.executable, *args], cwd=p.root, env=p.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
 
 
@@ -77,31 +76,36 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def test_sigint_and_sigterm_save_a_checkpoint_and_the_round_resumes_bit_identical(tmp_path: Path) -> None:
-    a, env_a = xor_workdir(tmp_path / "a")
+@pytest.mark.slow  # over a minute on 2 cores: run with -m slow
+def test_sigint_and_sigterm_save_a_checkpoint_and_the_round_resumes_bit_identical(
+    xor_workdir: Callable[[str], Project],
+) -> None:
+    a = xor_workdir("a")
     for args in (("stages/prepare.py",), ("stages/train_round.py", "--round", "0")):
-        rc, out = finish(stage(a, env_a, *args))
+        rc, out = finish(stage(a, *args))
         assert rc == 0, out
-    b, env_b = xor_workdir(tmp_path / "b")  # the uninterrupted reference, from the same round 0
-    shutil.copytree(a / "data", b / "data")
-    shutil.copytree(a / "runs", b / "runs")
-    hp = hparams.load(a / "params.yaml")
-    ckpt = a / "ckpt" / f"{hp.round_hash(1, 0, 'ticket')}.pt"
+    b = xor_workdir("b")  # the uninterrupted reference, from the same round 0
+    shutil.copytree(a.root / "data", b.root / "data")
+    shutil.copytree(a.root / "runs", b.root / "runs")
+    hp = config.load(a.root / "params.yaml")
+    ckpt = checkpointer(a, hp, 1).path
+    assert ckpt == a.root / "ckpt" / f"{hp.round_hash(1, 0, 'ticket')}.pt"
 
     # Ctrl-C: the round saves a checkpoint at the next iteration and exits.
-    proc = stage(a, env_a, "stages/train_round.py", "--round", "1")
+    proc = stage(a, "stages/train_round.py", "--round", "1")
     wait_for(ckpt, proc)
     proc.send_signal(signal.SIGINT)
     rc, out = finish(proc)
-    assert rc != 0, out
+    assert rc == 128 + signal.SIGINT, out
     first = torch.load(ckpt, weights_only=True)
     assert f"ticket round 1 interrupted (signal {int(signal.SIGINT)}) at iteration {first['iteration']}" in out
-    assert 0 < first["iteration"] < 400 and first["key"] == checkpoint_key(hp, 1, 0, "ticket")
-    assert not (trial_dir(a / "runs", "ticket", 1, 0) / "metrics.json").exists()
+    assert 0 < first["iteration"] < 400 and first["key"] == checkpointer(a, hp, 1).key
+    assert "Traceback" not in out
+    assert not (trial_dir(a.root / "runs", "ticket", 1, 0) / "metrics.json").exists()
 
     # Resume, then SIGTERM once it has made progress (a newer periodic checkpoint).
     mtime = ckpt.stat().st_mtime
-    proc = stage(a, env_a, "stages/train_round.py", "--round", "1")
+    proc = stage(a, "stages/train_round.py", "--round", "1")
     wait_for(ckpt, proc, newer_than=mtime)
     proc.send_signal(signal.SIGTERM)
     rc, out = finish(proc)
@@ -111,41 +115,44 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_the_round_resumes_bit_identica
     assert second["iteration"] > first["iteration"]
     assert f"interrupted (signal {int(signal.SIGTERM)}) at iteration {second['iteration']}" in out
 
-    rc, out = finish(stage(a, env_a, "stages/train_round.py", "--round", "1"))
+    rc, out = finish(stage(a, "stages/train_round.py", "--round", "1"))
     assert rc == 0, out
     assert f"resuming ticket round 1 from iteration {second['iteration']} " in out
     assert not ckpt.exists(), "a finished round deletes its checkpoint"
 
-    rc, out = finish(stage(b, env_b, "stages/train_round.py", "--round", "1"))
+    rc, out = finish(stage(b, "stages/train_round.py", "--round", "1"))
     assert rc == 0 and "resuming" not in out, out
-    assert_same_outputs(trial_dir(a / "runs", "ticket", 1, 0), trial_dir(b / "runs", "ticket", 1, 0))
+    assert_same_outputs(trial_dir(a.root / "runs", "ticket", 1, 0), trial_dir(b.root / "runs", "ticket", 1, 0))
 
 
 @pytest.mark.parametrize("saved_by", ["other hyperparameters", "other code"])
-def test_checkpoint_of_other_hyperparameters_or_code_is_never_used(tmp_path: Path, saved_by: str) -> None:
+def test_checkpoint_of_other_hyperparameters_or_code_is_never_used(
+    xor_workdir: Callable[[str], Project], saved_by: str
+) -> None:
     """A checkpoint saved under another round hash (copied or renamed into place), or by another version of
     the training code, is ignored with a message."""
-    a, env = xor_workdir(tmp_path / "a")
-    rc, out = finish(stage(a, env, "stages/prepare.py"))
+    a = xor_workdir("a")
+    rc, out = finish(stage(a, "stages/prepare.py"))
     assert rc == 0, out
-    hp = hparams.load(a / "params.yaml")
-    ckpt = a / "ckpt" / f"{hp.round_hash(0, 0, 'ticket')}.pt"
-    proc = stage(a, env, "stages/train_round.py", "--round", "0")
+    hp = config.load(a.root / "params.yaml")
+    ckpt = checkpointer(a, hp, 0).path
+    proc = stage(a, "stages/train_round.py", "--round", "0")
     wait_for(ckpt, proc)
     proc.send_signal(signal.SIGTERM)
     assert finish(proc)[0] == 128 + signal.SIGTERM
     state = torch.load(ckpt, weights_only=True)
-    assert state["key"] == checkpoint_key(hp, 0, 0, "ticket")
+    assert state["key"] == checkpointer(a, hp, 0).key
     # Same file name, but saved by a run with another learning rate, or by an older training loop.
-    other = hparams.load(a / "params.yaml", ["training.lr=0.5"])
+    other = config.load(a.root / "params.yaml", ["training.lr=0.5"])
     foreign = (
-        checkpoint_key(other, 0, 0, "ticket")
+        checkpointer(a, other, 0).key
         if saved_by == "other hyperparameters"
         else f"{hp.round_hash(0, 0, 'ticket')}-code-000000000000"
     )
+    assert foreign != state["key"]
     state["key"] = foreign
     torch.save(state, ckpt)
-    rc, out = finish(stage(a, env, "stages/train_round.py", "--round", "0"))
+    rc, out = finish(stage(a, "stages/train_round.py", "--round", "0"))
     assert rc == 0, out
     assert "ignoring checkpoint" in out and foreign in out
     assert "resuming" not in out
@@ -155,18 +162,22 @@ def test_checkpoint_of_other_hyperparameters_or_code_is_never_used(tmp_path: Pat
 
 
 @pytest.mark.slow
-@needs_mnist
-def test_killed_dvc_repro_resumes_the_round_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    tiny = {
-        "pruning.rounds": 1,
-        "training.iterations": 400,
-        "training.eval_every": 20,
-        "training.test_every": 100,
-        "runtime.threads": 1,
-        "runtime.checkpoint_seconds": 0,
-    }
-    p = make_project(tmp_path / "killed", tiny)
-    hp = hparams.load(p.root / "params.yaml")
+@pytest.mark.mnist
+def test_killed_dvc_repro_resumes_the_round_and_matches_an_uninterrupted_run(
+    make_project: Callable[..., Project], lenet_params
+) -> None:
+    tiny = lenet_params(
+        {
+            "pruning.rounds": 1,
+            "training.iterations": 400,
+            "training.eval_every": 20,
+            "training.test_every": 100,
+            "runtime.threads": 1,
+            "runtime.checkpoint_seconds": 0,
+        }
+    )
+    p = make_project(tiny, "killed")
+    hp = config.load(p.root / "params.yaml")
     ckpt = p.root / ".lth" / "checkpoints" / f"{hp.round_hash(1, 0, 'ticket')}.pt"
     proc = subprocess.Popen(
         [sys.executable, "-m", "dvc", "repro"],
@@ -193,7 +204,7 @@ def test_killed_dvc_repro_resumes_the_round_and_matches_an_uninterrupted_run(tmp
     assert (round0 / "final.pt").stat().st_mtime_ns == round0_mtime
     assert not ckpt.exists()
 
-    ref = make_project(tmp_path / "uninterrupted", tiny)
+    ref = make_project(tiny, "uninterrupted")
     ref.dvc("repro")
     for k in (0, 1):
         assert_same_outputs(trial_dir(p.root / "runs", "ticket", k, 0), trial_dir(ref.root / "runs", "ticket", k, 0))

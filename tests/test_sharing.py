@@ -9,12 +9,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Project, make_project, needs_mnist
-from tests.test_cli import free_port
+from tests.helpers import Project
 
 TINY = {"pruning.rounds": 1, "training.iterations": 100, "training.eval_every": 50, "training.test_every": 50}
 
@@ -29,9 +29,11 @@ def digests(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@needs_mnist
-def test_collaborator_pulls_results_and_nothing_reruns(tmp_path: Path) -> None:
-    alice = make_project(tmp_path / "alice", TINY)
+@pytest.mark.mnist
+def test_collaborator_pulls_results_and_nothing_reruns(
+    tmp_path: Path, make_project: Callable[..., Project], lenet_params
+) -> None:
+    alice = make_project(lenet_params(TINY), "alice")
     alice.lth("run")
     alice.dvc("remote", "add", "-d", "shared", str(tmp_path / "remote"))
     alice.run("git", "add", "-A")
@@ -49,11 +51,13 @@ def test_collaborator_pulls_results_and_nothing_reruns(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@needs_mnist
-def test_pipeline_logs_to_a_shared_mlflow_server(tmp_path: Path) -> None:
+@pytest.mark.mnist
+def test_pipeline_logs_to_a_shared_mlflow_server(
+    tmp_path: Path, free_port: int, make_project: Callable[..., Project], lenet_params
+) -> None:
     from mlflow.tracking import MlflowClient
 
-    port = free_port()
+    port = free_port
     server = subprocess.Popen(
         [
             sys.executable,
@@ -85,7 +89,7 @@ def test_pipeline_logs_to_a_shared_mlflow_server(tmp_path: Path) -> None:
             except OSError:
                 assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
                 time.sleep(1)
-        p = make_project(tmp_path / "project", TINY)
+        p = make_project(lenet_params(TINY))
         p.env["MLFLOW_TRACKING_URI"] = uri
         p.lth("run")
         client = MlflowClient(uri)

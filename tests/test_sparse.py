@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from lth.core import hparams
+from lth.core import config, runtime
+from lth.core.checkpoint import Checkpointer, Stopped, StopRequest
+from lth.core.data import Data
+from lth.core.hparams import Hparams, TrainingHparams
 from lth.core.models.conv import conv2
 from lth.core.sparse import SparseLinear, use_sparse
-from lth.core.training import StopRequest, train
-
-from .conftest import needs_mnist
-from .test_training import HP, data, pruned_network  # noqa: F401 - the data fixture
+from lth.core.training import TrainJob, train
 
 CPU = torch.device("cpu")
 
@@ -44,7 +44,7 @@ def test_sparse_linear_matches_the_masked_dense_layer() -> None:
     assert torch.equal(copy.weight, dense.weight) and torch.equal(copy.bias, dense.bias)
 
 
-def test_kernels_are_chosen_from_the_mask_and_the_setting() -> None:
+def test_kernels_are_chosen_from_the_mask_and_the_setting(pruned_network) -> None:
     model = nn.Module()
     for percent, expected in ((50.0, False), (20.0, False), (5.0, True)):
         lenet, mask = pruned_network(percent)
@@ -60,35 +60,36 @@ def test_kernels_are_chosen_from_the_mask_and_the_setting() -> None:
         use_sparse(model, mask, CPU, "fast")
 
 
-def test_runtime_setting_is_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lth.pipeline import settings as runtime
+def test_runtime_setting_is_validated(tmp_path: Path) -> None:
+    def sparse(section: dict, env: dict[str, str] | None = None) -> str:
+        return runtime.resolve(section, tmp_path, env or {}).sparse
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("LTH_SPARSE", raising=False)
-    assert runtime.sparse_setting() == "auto"
-    (tmp_path / "params.yaml").write_text("runtime:\n  sparse: off\n")  # YAML reads a bare off as false
-    assert runtime.sparse_setting() == "off"
-    (tmp_path / "params.yaml").write_text("runtime:\n  sparse: 'on'\n")
-    assert runtime.sparse_setting() == "on"
-    (tmp_path / "params.yaml").write_text("runtime:\n  sparse: fast\n")
-    with pytest.raises(hparams.HparamsError, match="runtime.sparse: expected auto, on or off, got 'fast'"):
-        hparams.load(tmp_path / "params.yaml")
-    monkeypatch.setenv("LTH_SPARSE", "always")
-    with pytest.raises(SystemExit, match="LTH_SPARSE='always'.*auto, on, off"):
-        runtime.sparse_setting()
-
-
-def short(iterations: int = 300) -> object:
-    return dataclasses.replace(HP.training, iterations=iterations, eval_every=100, test_every=100)
+    assert sparse({}) == "auto"
+    params = tmp_path / "params.yaml"
+    params.write_text("runtime:\n  sparse: off\n")  # YAML reads a bare off as false
+    assert sparse(config.runtime_section(params)) == "off"
+    params.write_text("runtime:\n  sparse: 'on'\n")
+    assert sparse(config.runtime_section(params)) == "on"
+    assert sparse(config.runtime_section(params), {"LTH_SPARSE": "off"}) == "off"  # the environment wins
+    params.write_text("runtime:\n  sparse: fast\n")
+    with pytest.raises(config.HparamsError, match="runtime.sparse: expected auto, on or off, got 'fast'"):
+        config.load(params)
+    with pytest.raises(runtime.SettingsError, match="LTH_SPARSE='always'.*auto, on, off"):
+        sparse({}, {"LTH_SPARSE": "always"})
 
 
-@needs_mnist
-def test_sparse_training_equals_dense_up_to_rounding(data) -> None:  # noqa: ANN001, F811
+def short(iterations: int = 300) -> TrainingHparams:
+    return dataclasses.replace(Hparams().training, iterations=iterations, eval_every=100, test_every=100)
+
+
+@pytest.mark.mnist
+def test_sparse_training_equals_dense_up_to_rounding(mnist_data: Data, pruned_network) -> None:
     results = {}
     for setting in ("off", "on"):
         model, mask = pruned_network(5.0)
-        results[setting] = train(model, data, short(), seed=0, mask=mask, sparse=setting)
+        results[setting] = train(model, mnist_data, TrainJob(short(), seed=0, mask=mask, sparse=setting))
     dense, sparse = results["off"], results["on"]
+    assert (dense.engine, sparse.engine) == ("dense", "sparse")
     for name, m in mask.items():
         assert int((sparse.state[name][~m] != 0).sum()) == 0, f"pruned weights of {name} moved"
         assert torch.allclose(dense.state[name], sparse.state[name], atol=1e-4), name
@@ -100,14 +101,15 @@ def test_sparse_training_equals_dense_up_to_rounding(data) -> None:  # noqa: ANN
     )
     # Same setting, same bits.
     model, mask = pruned_network(5.0)
-    again = train(model, data, short(), seed=0, mask=mask, sparse="on")
+    again = train(model, mnist_data, TrainJob(short(), seed=0, mask=mask, sparse="on"))
     assert all(torch.equal(again.state[k], sparse.state[k]) for k in sparse.state)
 
 
-@needs_mnist
-def test_sparse_training_resumes_bit_identical(data, tmp_path: Path) -> None:  # noqa: ANN001, F811
+@pytest.mark.mnist
+def test_sparse_training_resumes_bit_identical(mnist_data: Data, pruned_network, tmp_path: Path) -> None:
+    job = TrainJob(short(), seed=0, sparse="on")
     model, mask = pruned_network(5.0)
-    whole = train(model, data, short(), seed=0, mask=mask, sparse="on")
+    whole = train(model, mnist_data, dataclasses.replace(job, mask=mask))
     ckpt = tmp_path / "ckpt.pt"
     stop = StopRequest()
 
@@ -116,21 +118,12 @@ def test_sparse_training_resumes_bit_identical(data, tmp_path: Path) -> None:  #
             stop.signum = signal.SIGTERM
 
     model, mask = pruned_network(5.0)
-    with pytest.raises(SystemExit):
-        train(
-            model,
-            data,
-            short(),
-            seed=0,
-            mask=mask,
-            sparse="on",
-            checkpoint=ckpt,
-            checkpoint_key="k",
-            stop=stop,
-            progress=stop_at_200,
-        )
-    assert torch.load(ckpt, weights_only=True)["iteration"] == 200
+    with pytest.raises(Stopped, match="interrupted .* at iteration 200") as e:
+        train(model, mnist_data, dataclasses.replace(job, mask=mask), Checkpointer(ckpt, "k"), stop_at_200, stop)
+    assert e.value.signum == signal.SIGTERM
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["iteration"] == 200 and saved["engine"] == "sparse"
     model, mask = pruned_network(5.0)
-    resumed = train(model, data, short(), seed=0, mask=mask, sparse="on", checkpoint=ckpt, checkpoint_key="k")
+    resumed = train(model, mnist_data, dataclasses.replace(job, mask=mask), Checkpointer(ckpt, "k"))
     assert all(torch.equal(resumed.state[k], whole.state[k]) for k in whole.state)
     assert resumed.metrics == whole.metrics

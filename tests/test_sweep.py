@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import make_project, needs_mnist
+from tests.helpers import Project
 
 TINY = {"pruning.rounds": 1, "training.iterations": 100, "training.eval_every": 50, "training.test_every": 50}
 
 
 @pytest.mark.slow
-@needs_mnist
-def test_sweep_over_learning_rate_experiments(tmp_path) -> None:
-    p = make_project(tmp_path / "project", TINY)
+@pytest.mark.mnist
+def test_sweep_over_learning_rate_experiments(make_project: Callable[..., Project], lenet_params) -> None:
+    p = make_project(lenet_params(TINY))
     for lr in ("0.002", "0.0005"):
         p.dvc("exp", "run", "-S", f"training.lr={lr}")
     out = p.lth("sweep", "--out", "results/lr_sweep").stdout

@@ -6,40 +6,33 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from lth.core import hparams
+from lth.core import config, pruning
+from lth.core.hparams import Hparams
+from lth.core.registry import build_model
+from lth.lottery.layout import trial_dir, write_outputs
 from lth.tracking.store import TAG_HASH, TAG_ROUND_HASH, Tracker
-from tests.conftest import Project, make_project
-
-XOR = {
-    "dataset.name": "xor",
-    "model.name": "xor",
-    "dataset.validation_size": 1000,
-    "training.iterations": 200,
-    "training.eval_every": 50,
-    "training.test_every": 100,
-    "pruning.rounds": 2,
-    "runtime.threads": 1,
-}
+from lth.tracking.writer import log_trial
+from tests.helpers import Project
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def xor_project(make_project: Callable[..., Project], xor_params) -> Project:
+    """An untrained XOR project of three rounds (0, 1, 2)."""
+    return make_project(xor_params({"pruning.rounds": 2}))
 
 
-def round_hashes_in(uri: str, hp: hparams.Hparams) -> list[str]:
+def round_hashes_in(uri: str, hp: Hparams) -> list[str]:
     """Round hashes of the active, finished runs of `hp` in the store (one entry per run)."""
     from mlflow.tracking import MlflowClient
 
@@ -50,22 +43,26 @@ def round_hashes_in(uri: str, hp: hparams.Hparams) -> list[str]:
     return sorted(r.data.tags[TAG_ROUND_HASH] for r in runs)
 
 
-def expected_hashes(hp: hparams.Hparams) -> list[str]:
+def expected_hashes(hp: Hparams) -> list[str]:
     return sorted(hp.round_hash(k, 0, "ticket") for k in range(hp.pruning.rounds + 1))
 
 
-def test_unreachable_server_warns_quickly_and_sync_replays_idempotently(tmp_path: Path) -> None:
-    p = make_project(tmp_path / "p", XOR)
-    p.env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+@pytest.mark.slow  # over a minute on 2 cores: run with -m slow
+def test_unreachable_server_warns_quickly_and_sync_replays_idempotently(
+    xor_project: Project, free_port: int, tmp_path: Path
+) -> None:
+    p = xor_project
+    p.env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port}"  # nothing listens there
     for args in (("stages/prepare.py",), ("stages/train_round.py", "--round", "0")):
         t0 = time.perf_counter()
-        r = p.run(sys.executable, *args)
+        r = p.python(*args)
         seconds = time.perf_counter() - t0
-    assert "WARNING: MLflow logging of ticket round 0 failed" in r.stderr and "lth sync-mlflow" in r.stderr
+    assert "WARNING: MLflow logging of runs/ticket/round_00/trial_0 failed" in r.stderr
+    assert "lth sync-mlflow" in r.stderr
     assert seconds < 120, f"a stage with MLflow down took {seconds:.0f} s: HTTP retries are not bounded"
-    p.run(sys.executable, "stages/train_round.py", "--round", "1")
+    p.python("stages/train_round.py", "--round", "1")
 
-    hp = hparams.load(p.root / "params.yaml")
+    hp = config.load(p.root / "params.yaml")
     p.env["MLFLOW_TRACKING_URI"] = uri = f"sqlite:///{tmp_path / 'store.db'}"
     out = p.lth("sync-mlflow").stdout
     assert "logged ticket round 0 trial 0" in out and "logged ticket round 1 trial 0" in out
@@ -92,21 +89,32 @@ def test_unreachable_server_warns_quickly_and_sync_replays_idempotently(tmp_path
     assert [m.step for m in curve] == [0, 50, 100, 150, 200]
 
 
-def test_sync_with_the_server_down_fails_clearly(tmp_path: Path) -> None:
+def test_sync_with_the_server_down_fails_clearly(tmp_path: Path, free_port: int) -> None:
     (tmp_path / "params.yaml").write_text("trials: 1\n")
     p = Project(tmp_path)  # sync only needs params.yaml (and runs/, empty here)
-    p.env["MLFLOW_TRACKING_URI"] = url = f"http://127.0.0.1:{free_port()}"
+    p.env["MLFLOW_TRACKING_URI"] = url = f"http://127.0.0.1:{free_port}"
     r = p.lth("sync-mlflow", check=False)
     assert r.returncode != 0 and f"MLflow at {url} failed" in r.stderr and "run it again" in r.stderr
 
 
+def trained_outputs(hp: Hparams, runs: Path) -> Path:
+    """The outputs of ticket round 0, trial 0, as a stage writes them (untrained weights, made-up numbers)."""
+    model = build_model(hp)
+    mask = pruning.dense_mask(model.layer_kinds(), {n: p.shape for n, p in model.named_parameters()})
+    metrics = {"round": 0, "trial": 0, "kind": "ticket", "test_accuracy_final": 0.5, "hash": hp.hash}
+    metrics["mask_md5"] = pruning.mask_hash(mask)
+    curve = [{"iteration": 0, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5, "test_accuracy": 0.5}]
+    out = trial_dir(runs, "ticket", 0, 0)
+    write_outputs(out, metrics, model.state_dict(), mask, curve, None, {"seconds": {"train": 1.0}})
+    return out
+
+
 def test_locked_sqlite_store_is_retried(tmp_path: Path) -> None:
-    hp = hparams.from_dict({"dataset": {"name": "xor"}, "model": {"name": "xor"}})
+    hp = config.from_dict({"dataset": {"name": "xor"}, "model": {"name": "xor"}})
+    outputs = trained_outputs(hp, tmp_path / "runs")
     db = tmp_path / "mlflow.db"
     tracker = Tracker(f"sqlite:///{db}")
     tracker.experiment_id(hp)  # creates the tables
-    weights = tmp_path / "final.pt"
-    weights.write_bytes(b"weights")
     locked = threading.Event()
 
     def hold_lock(seconds: float) -> None:
@@ -122,13 +130,13 @@ def test_locked_sqlite_store_is_retried(tmp_path: Path) -> None:
     locked.wait()
     t0 = time.perf_counter()
     try:
-        tracker.log_round(
-            hp, 0, "ticket", 0, {"test_accuracy_final": 0.5}, [{"iteration": 0, "val_loss": 1.0}], b"mask", weights
-        )
+        run_id = log_trial(tracker, hp, outputs)
     finally:
         holder.join()
     assert time.perf_counter() - t0 > 5  # it did meet the lock, and got through it
     assert round_hashes_in(f"sqlite:///{db}", hp) == [hp.round_hash(0, 0, "ticket")]
+    logged = tracker.client.get_run(run_id).data.metrics
+    assert logged["test_accuracy_final"] == 0.5 and logged["seconds_train"] == 1.0
 
 
 # ------------------------------------------------------------------- a real server that goes away
@@ -180,12 +188,14 @@ def finished_runs(db: Path) -> int:
 
 
 @pytest.mark.slow
-def test_server_stopped_mid_run_then_sync_logs_every_round_exactly_once(tmp_path: Path) -> None:
-    port = free_port()
+def test_server_stopped_mid_run_then_sync_logs_every_round_exactly_once(
+    tmp_path: Path, free_port: int, xor_project: Project
+) -> None:
+    port = free_port
     server = start_server(tmp_path, port)
-    p: Project = make_project(tmp_path / "p", XOR)
+    p = xor_project
     p.env["MLFLOW_TRACKING_URI"] = uri = f"http://127.0.0.1:{port}"
-    hp = hparams.load(p.root / "params.yaml")
+    hp = config.load(p.root / "params.yaml")
     repro = subprocess.Popen(
         [sys.executable, "-m", "dvc", "repro"],
         cwd=p.root,
@@ -202,7 +212,7 @@ def test_server_stopped_mid_run_then_sync_logs_every_round_exactly_once(tmp_path
         stop_server(server)  # round 0 is logged; the server goes away mid-run
     out, _ = repro.communicate(timeout=600)
     assert repro.returncode == 0, out
-    assert "WARNING: MLflow logging of ticket round 2 failed" in out, out
+    assert "WARNING: MLflow logging of runs/ticket/round_02/trial_0 failed" in out, out
 
     server = start_server(tmp_path, port)
     try:

@@ -3,43 +3,25 @@
 from __future__ import annotations
 
 import json
-import shutil
-import sys
-from pathlib import Path
+from collections.abc import Callable
 
-import yaml
-
-from tests.conftest import ROOT, Project
-
-XOR = {
-    "dataset": {"name": "xor", "validation_size": 1000},
-    "model": {"name": "xor"},
-    "training": {"iterations": 200, "eval_every": 50, "test_every": 100},
-    "pruning": {"rounds": 1},
-    "runtime": {"threads": 1},
-}
+from tests.helpers import Project, modification_times
 
 
-def snapshot(root: Path) -> dict[str, int]:
-    return {str(f.relative_to(root)): f.stat().st_mtime_ns for f in sorted(root.rglob("*")) if f.is_file()}
-
-
-def test_verify_passes_then_fails_after_tampering(tmp_path: Path) -> None:
-    p = Project(tmp_path)  # the stages, run directly (verify needs params.yaml, data/ and runs/ only)
-    for name in ("stages", "src"):
-        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(XOR))
-    p.env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_verify_passes_then_fails_after_tampering(workdir: Callable[..., Project], xor_params) -> None:
+    p = workdir(xor_params())  # the stages, run directly (verify needs params.yaml, data/ and runs/ only)
+    p.env["MLFLOW_TRACKING_URI"] = f"sqlite:///{p.root / 'mlflow.db'}"
     for args in (
         ["stages/prepare.py"],
         ["stages/train_round.py", "--round", "0"],
         ["stages/train_round.py", "--round", "1"],
     ):
-        p.run(sys.executable, *args)
-    before = snapshot(p.root)
+        p.python(*args)
+    assert (p.root / "mlflow.db").exists()  # the stages logged their rounds
+    before = modification_times(p.root)
     r = p.lth("verify", "--round", "1")
     assert "lth verify: PASS: ticket round 1 trial 0 reproduces exactly" in r.stdout
-    assert snapshot(p.root) == before  # neither the outputs, MLflow's store nor checkpoints are touched
+    assert modification_times(p.root) == before  # neither the outputs, MLflow's store nor checkpoints are touched
 
     metrics = p.root / "runs/ticket/round_01/trial_0/metrics.json"
     doc = json.loads(metrics.read_text())
@@ -52,4 +34,7 @@ def test_verify_passes_then_fails_after_tampering(tmp_path: Path) -> None:
     assert "lth verify: FAIL: ticket round 1 trial 0 does not reproduce (1 of" in r.stdout
 
     r = p.lth("verify", "--round", "5", check=False)
-    assert r.returncode == 1 and "runs/ticket/round_05/trial_0: no recorded" in r.stderr
+    assert r.returncode == 1 and "--round 5: not a round of this experiment (rounds 0..1" in r.stderr
+    metrics.unlink()
+    r = p.lth("verify", "--round", "1", check=False)
+    assert r.returncode == 1 and "runs/ticket/round_01/trial_0: no recorded metrics.json" in r.stderr
