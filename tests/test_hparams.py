@@ -18,6 +18,24 @@ from tests.helpers import ROOT, Project
 # The default experiment's hash since hash format 1 (lth 0.1, commit 4dfd8e8): results recorded under it
 # (DVC outputs, MLflow experiments, exported tickets) stay findable.
 DEFAULT_HASH = "e9058de26e23c708d0159ec02f7ad05f"
+# The hashes of the presets without controls, as hash format 1 (src/lth/hparams.py at 4dfd8e8) computes them.
+FORMAT_1_HASHES = {
+    "conv2": "8a643bc60149cd4599ee81c032e07ee2",
+    "conv2_dropout": "e442883726feb831ea7eec3c0a886a93",
+    "conv4": "3ad104251df3b5ecbccbe6db95d703dd",
+    "conv4_dropout": "ce3c025b1ee1d924abe19241b51b2918",
+    "conv6": "ca854b6cf0826c9bb40e8572339a2888",
+    "conv6_dropout": "61992e1c21e23c90b5b2fa534df1cbf7",
+    "lenet": DEFAULT_HASH,
+    "lenet_oneshot": "757ca244cba6e9cc73b79035254474c3",
+    "resnet20": "31d6649181b46b9f0b866958a6fdb48c",
+    "resnet20_rewind": "967737fda0517a6914132fc4b02b6983",
+    "resnet20_warmup": "9b46a8d821fb514e3c2a58c5f15456a7",
+    "vgg16": "97360f406e2f1291f64eb44684206708",
+    "vgg19": "ab137327ab9eefb637151b37b37bc9ac",
+    "vgg19_rewind": "780cb27f895c76e1260ca6d4bb944936",
+    "xor": "be3a4e65e6114e6feb0a44b24a8e302c",
+}
 # Every hyperparameter at its default, as a params document.
 DEFAULT_DOC = {**Hparams().to_dict(), "runtime": {"device": "auto", "threads": 0}}
 
@@ -275,6 +293,18 @@ def test_the_default_experiment_keeps_its_hash_of_format_1() -> None:
     assert config.load(ROOT / "params.yaml").hash == DEFAULT_HASH
     assert config.load(ROOT / "presets" / "lenet.yaml").hash == DEFAULT_HASH
     assert Hparams().short_name == f"lenet_300_100-mnist-{DEFAULT_HASH[:8]}"
+
+
+@pytest.mark.parametrize("preset", list(FORMAT_1_HASHES))
+def test_presets_keep_their_hashes_of_format_1(preset: str) -> None:
+    assert config.load(ROOT / "presets" / f"{preset}.yaml").hash == FORMAT_1_HASHES[preset]
+
+
+def test_a_preset_with_controls_is_the_experiment_of_its_ticket() -> None:
+    """lenet_reinit is the lenet experiment with both controls switched on: one trajectory, one hash."""
+    reinit = config.load(ROOT / "presets" / "lenet_reinit.yaml")
+    assert reinit.controls.random_reinit and reinit.controls.random_pruning
+    assert reinit.hash == DEFAULT_HASH
 
 
 def test_switching_on_a_control_keeps_the_hash_and_branches_by_kind() -> None:

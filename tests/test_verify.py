@@ -8,15 +8,8 @@ from collections.abc import Callable
 from tests.helpers import Project, modification_times
 
 
-def test_verify_passes_then_fails_after_tampering(workdir: Callable[..., Project], xor_params) -> None:
-    p = workdir(xor_params())  # the stages, run directly (verify needs params.yaml, data/ and runs/ only)
-    p.env["MLFLOW_TRACKING_URI"] = f"sqlite:///{p.root / 'mlflow.db'}"
-    for args in (
-        ["stages/prepare.py"],
-        ["stages/train_round.py", "--round", "0"],
-        ["stages/train_round.py", "--round", "1"],
-    ):
-        p.python(*args)
+def test_verify_passes_then_fails_after_tampering(trained_project: Callable[..., Project], xor_params) -> None:
+    p = trained_project(xor_params())  # rounds 0 and 1, trained by `dvc repro`
     assert (p.root / "mlflow.db").exists()  # the stages logged their rounds
     before = modification_times(p.root)
     r = p.lth("verify", "--round", "1")
@@ -32,6 +25,8 @@ def test_verify_passes_then_fails_after_tampering(workdir: Callable[..., Project
     assert r.returncode == 1
     assert f"MISMATCH metrics.json test_accuracy_final: recorded {recorded + 0.01!r}, re-run {recorded!r}" in r.stdout
     assert "lth verify: FAIL: ticket round 1 trial 0 does not reproduce (1 of" in r.stdout
+    # ... and DVC's record says which output changed since the stage ran.
+    assert "lth verify: output runs/ticket/round_01 modified since dvc.lock recorded ticket_round_01" in r.stdout
 
     r = p.lth("verify", "--round", "5", check=False)
     assert r.returncode == 1 and "--round 5: not a round of this experiment (rounds 0..1" in r.stderr
