@@ -3,9 +3,12 @@
 import json
 from pathlib import Path
 
+from lth.core.registry import build_model
 from lth.pipeline import render, stage
 from lth.pipeline.workspace import RESULTS_DIR, RUNS_DIR
-from lth.reporting import aggregate, figures, html
+from lth.reporting import aggregate, figures, html, masks, statistics
+from lth.tracking.store import experiment_url
+from lth.tracking.writer import log_summary
 
 
 def main() -> None:
@@ -22,15 +25,27 @@ def main() -> None:
             f"{', '.join(foreign[:4])}; run `lth run` (or `dvc repro`) first."
         )
     agg = aggregate.aggregate(rows)
-    (results / "plots").mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     (results / "metrics.json").write_text(json.dumps(aggregate.metrics_document(agg), indent=2) + "\n")
     aggregate.write_sparsity_csv(agg, results / "plots" / "sparsity.csv")
-    curves = aggregate.write_curves_csv(
-        runs, render.selected_rounds(hp.pruning.rounds), results / "plots" / "curves.csv"
-    )
-    pngs = figures.plot_figures(agg, curves, results / "figures", title=hp.short_name)
-    page = html.write(hp, agg, results / "figures", results / "report.html")
+    curves = aggregate.learning_curves(runs, agg)
+    aggregate.write_curves_csv(curves, results / "plots" / "curves.csv")
+    pngs = figures.plot_figures(agg, curves, results / "figures", title=figures.describe(hp))
+    pngs.append(analyse_masks(hp, runs, results))
+    claims = statistics.claims(rows)
+    statistics.write_claims_csv(claims, results / "plots" / "claims.csv")
+    page = html.write(hp, agg, results / "figures", results / "report.html", experiment_url(hp), claims)
     print(f"lth: wrote {results / 'metrics.json'}, {len(pngs)} figures in {results / 'figures'} and {page}")
+    log_summary(hp, results)
+
+
+def analyse_masks(hp, runs: Path, results: Path) -> Path:
+    """Per-layer sparsity and mask overlaps (lth.reporting.masks): plot data and a figure."""
+    found = masks.read_masks(runs, build_model(hp), ("ticket", *render.control_kinds(hp)), hp.pruning.rounds, hp.trials)
+    layers, overlaps = masks.layer_rows(found), masks.overlap_rows(found)
+    masks.write_csv(layers, results / "plots" / "mask_layers.csv")
+    masks.write_csv(overlaps, results / "plots" / "mask_overlap.csv")
+    return figures.masks_figure(layers, overlaps, figures.describe(hp), results / "figures" / "masks.png")
 
 
 if __name__ == "__main__":

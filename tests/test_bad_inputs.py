@@ -208,7 +208,7 @@ CASES = [
     Case(
         "compare-mlflow-down",
         nothing,
-        ("lth", "compare", "params.yaml", "-S", "training.lr=3e-4"),
+        ("lth", "compare", "params.yaml", "training.lr=3e-4"),
         "is unreachable",
         MLFLOW_DOWN,
     ),
@@ -242,6 +242,18 @@ CASES = [
     Case("preset-unknown", nothing, ("lth", "preset", "nonexistent"), "nonexistent"),
     Case("locate-bad-override", nothing, ("lth", "locate", "-S", "training.lr"), "training.lr"),
     Case("locate-override-bad-yaml", nothing, ("lth", "locate", "-S", "training.lr=[1"), "training.lr"),
+    # -S KEY=VALUE: one override of the params in every command (`lth run` writes it only once it is valid)
+    Case(
+        "run-override-not-a-number", nothing, ("lth", "run", "-S", "training.lr=abc"), "training.lr: expected a number"
+    ),
+    Case("run-override-unknown-key", nothing, ("lth", "run", "-S", "training.lrr=0.1"), "did you mean 'training.lr'"),
+    Case("run-override-no-value", nothing, ("lth", "run", "-S", "training.lr"), "not of the form key=value"),
+    Case("report-override-out-of-range", nothing, ("lth", "report", "-S", "trials=0"), "trials: must be a positive"),
+    Case("verify-override-runtime", nothing, ("lth", "verify", "-S", "runtime.threads=-1"), "runtime.threads"),
+    Case("export-override-unknown-model", nothing, ("lth", "export", "-S", "model.name=resnet99"), "model.name"),
+    Case("compare-not-an-experiment", nothing, ("lth", "compare", "nonexistent", "params.yaml"), "'nonexistent' is no"),
+    Case("compare-one-experiment", nothing, ("lth", "compare", "training.lr=3e-4"), "two or more experiments"),
+    Case("compare-bad-override-set", nothing, ("lth", "compare", "training.lr=3e-4,trials=x", "params.yaml"), "trials"),
 ]
 
 

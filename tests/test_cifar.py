@@ -3,7 +3,6 @@ unpickling, md5 verification, clear errors, and a few training steps of Conv-2 o
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from pathlib import Path
@@ -18,6 +17,7 @@ from lth.core.datasets import CIFAR_DIR
 from lth.core.hparams import DatasetHparams, TrainingHparams
 from lth.core.registry import build_model
 from lth.core.training import TrainJob, train
+from lth.reporting.aggregate import read_sparsity_csv
 
 PER_BATCH = 120  # images per file (the real files hold 10,000)
 FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
@@ -186,12 +186,11 @@ def test_resnet20_rewind_preset_pipeline(
     )
     proj = make_project(params)
     proj.dvc("repro")
-    metrics = json.loads((proj.root / "results" / "metrics.json").read_text())
-    assert {"ticket", "reinit", "random_pruning"} <= set(metrics)
+    rows = read_sparsity_csv((proj.root / "results" / "plots" / "sparsity.csv").read_text())
+    assert {r["kind"] for r in rows} == {"ticket", "reinit", "random_pruning"}
     conv_total, dense = 267_696, 2_560 + 640  # prunable convs; shortcuts and output stay dense
     kept = conv_total - 53_540 + dense  # ceil(20% of the convs) pruned globally
-    assert metrics["ticket"]["round_01"]["percent_remaining"] == pytest.approx(
-        100 * kept / (conv_total + dense), abs=1e-4
-    )
+    (round1,) = [r for r in rows if (r["kind"], r["round"]) == ("ticket", 1)]
+    assert round1["percent_remaining"] == pytest.approx(100 * kept / (conv_total + dense), abs=1e-4)
     rewind = torch.load(proj.root / "runs" / "ticket" / "round_00" / "trial_0" / "rewind.pt", weights_only=True)
     assert "bn.running_mean" in rewind  # BatchNorm statistics are rewound too

@@ -15,7 +15,7 @@ import torch
 
 from lth.core import config
 from lth.core.data import DataError, load_prepared, prepare, prepared_path
-from lth.core.datasets import MNIST_SIZES
+from lth.core.datasets import DATASETS, MNIST_SIZES
 from lth.core.hparams import DatasetHparams, Hparams
 from lth.core.registry import build_model
 from lth.lottery.branches import init_model
@@ -66,7 +66,25 @@ def test_corrupt_gz_file(tmp_path: Path) -> None:
     gz.write_bytes(gzip.compress(b"not mnist"))
     with pytest.raises(DataError) as e:
         prepare(DatasetHparams(), tmp_path / "out.pt", root)
-    assert str(gz) in str(e.value) and "md5 mismatch" in str(e.value) and "Delete it" in str(e.value)
+    assert str(gz) in str(e.value) and "decompresses to 9 bytes, expected 60008" in str(e.value)
+    assert "Delete it" in str(e.value)
+    labels = bytearray((MNIST_RAW / name).read_bytes())
+    labels[-1] = (labels[-1] + 1) % 10  # the right size and a valid label, but not MNIST's
+    gz.write_bytes(gzip.compress(bytes(labels)))
+    with pytest.raises(DataError, match=r"\.gz failed its md5 check \(of its decompressed content\)"):
+        prepare(DatasetHparams(), tmp_path / "out.pt", root)
+
+
+@pytest.mark.mnist
+def test_gz_of_the_right_content_is_read_whatever_its_compression(tmp_path: Path) -> None:
+    """What is read is what is checked: a .gz recompressed (as Debian ships Fashion-MNIST) passes the md5 check
+    of its decompressed content, while its own md5 differs from torchvision's record of the original .gz."""
+    name = "t10k-labels-idx1-ubyte"
+    root = mnist_root(tmp_path, skip=name)
+    good = (MNIST_RAW / name).read_bytes()
+    (root / "MNIST" / "raw" / f"{name}.gz").write_bytes(gzip.compress(good, compresslevel=1, mtime=0))
+    raw = DATASETS["mnist"].load(root)
+    assert raw["test_y"].tolist() == list(good[8:])
 
 
 @pytest.mark.mnist

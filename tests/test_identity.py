@@ -47,28 +47,41 @@ def test_value_edit_then_plain_dvc_repro(make_project: Callable[..., Project], x
     assert "didn't change" in p.dvc("repro").stdout or "up to date" in p.dvc("status").stdout
 
 
+def _artifacts(client: Any, run_id: str, path: str | None = None) -> dict[str, str]:
+    """MD5 of every artifact of the run, by path (folders walked)."""
+    out = {}
+    for a in client.list_artifacts(run_id, path):
+        if a.is_dir:
+            out.update(_artifacts(client, run_id, a.path))
+        else:
+            out[a.path] = hashlib.md5(Path(client.download_artifacts(run_id, a.path)).read_bytes()).hexdigest()
+    return out
+
+
 def _runs(uri: str) -> dict[str, dict[str, Any]]:
-    """Every run of the store as comparable content: params, metrics (value per step), tags and artifacts."""
+    """Every run of the store as comparable content, by experiment and run name: the experiment (name, tags),
+    the parent's name (nesting), start and end, params, metrics (step, value and time of each point), tags,
+    dataset inputs and artifacts."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     out = {}
     for exp in client.search_experiments():
-        for run in client.search_runs([exp.experiment_id]):
-            tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") or k == "mlflow.runName"}
-            metrics = {
-                k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)] for k in run.data.metrics
-            }
-            artifacts = {}
-            for a in client.list_artifacts(run.info.run_id):
-                local = client.download_artifacts(run.info.run_id, a.path)
-                artifacts[a.path] = hashlib.md5(Path(local).read_bytes()).hexdigest()
-            out[run.data.tags["lth.round_hash"]] = {
-                "experiment": exp.name,
+        runs = client.search_runs([exp.experiment_id])
+        names = {r.info.run_id: r.info.run_name for r in runs}
+        for run in runs:
+            out[f"{exp.name}: {run.info.run_name}"] = {
+                "experiment": (exp.name, exp.tags),
+                "parent": names.get(run.data.tags.get("mlflow.parentRunId")),
+                "span": (run.info.status, run.info.start_time, run.info.end_time),
                 "params": run.data.params,
-                "metrics": metrics,
-                "tags": tags,
-                "artifacts": artifacts,
+                "metrics": {
+                    k: [(m.step, m.value, m.timestamp) for m in client.get_metric_history(run.info.run_id, k)]
+                    for k in run.data.metrics
+                },
+                "tags": {k: v for k, v in run.data.tags.items() if k != "mlflow.parentRunId"},
+                "inputs": [d.to_dictionary() for d in run.inputs.dataset_inputs],
+                "artifacts": _artifacts(client, run.info.run_id),
             }
     return out
 
@@ -78,9 +91,14 @@ def test_live_and_replayed_runs_are_identical(trained_project: Callable[..., Pro
     params = xor_params({"controls.random_reinit": True})
     p, replay = trained_project(params), trained_project(params)  # two copies of one trained project
     live = _runs(p.tracking_uri)
-    assert len(live) == 3  # ticket rounds 0-1 and the reinit control of round 1
-    assert {r["tags"]["lth.env.numerics"] for r in live.values()} == {"portable"}
-    assert all("seconds_train" in r["metrics"] for r in live.values())
+    rounds = {k: r for k, r in live.items() if "lth.round" in r["tags"]}
+    assert len(rounds) == 3  # ticket rounds 0-1 and the reinit control of round 1
+    assert sorted(r["parent"] for r in rounds.values()) == ["reinit-trial0", "ticket-trial0", "ticket-trial0"]
+    assert len(live) == 5  # and the parents of the two trajectories
+    assert {r["tags"]["lth.env.numerics"] for r in rounds.values()} == {"portable"}
+    assert all("seconds_train" in r["metrics"] and len(r["inputs"]) == 1 for r in rounds.values())
+    parents = [r for k, r in live.items() if k not in rounds]
+    assert all(r["span"][1] < r["span"][2] and "results/report.html" in r["artifacts"] for r in parents)
     (replay.root / "mlflow.db").unlink()  # the copy's MLflow store is lost; its DVC outputs are kept
     shutil.rmtree(replay.root / "mlartifacts")
     replay.lth("sync-mlflow")
@@ -88,7 +106,7 @@ def test_live_and_replayed_runs_are_identical(trained_project: Callable[..., Pro
     assert replayed.keys() == live.keys()
     for key, run in live.items():
         for part in run:
-            assert replayed[key][part] == run[part], f"{run['tags']['mlflow.runName']}: {part} differs"
+            assert replayed[key][part] == run[part], f"{key}: {part} differs"
 
 
 def test_switching_on_a_control_keeps_the_ticket(trained_project: Callable[..., Project], xor_params) -> None:

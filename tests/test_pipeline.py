@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from lth.core import config
+from lth.pipeline import render
+from lth.reporting.aggregate import read_sparsity_csv
 from tests.helpers import Project, output_digests
 
 pytestmark = pytest.mark.mnist
@@ -49,8 +51,9 @@ def test_repro_runs_every_stage_in_order(proj: Project) -> None:
     dag = proj.dvc("dag", "--md").stdout
     for stage in ("prepare", "ticket_round_00", "ticket_round_02", "evaluate"):
         assert stage in dag
-    metrics = json.loads((proj.root / "results" / "metrics.json").read_text())
-    pct = [metrics["ticket"][f"round_{k:02d}"]["percent_remaining"] for k in range(3)]
+    rounds = read_sparsity_csv((proj.root / "results" / "plots" / "sparsity.csv").read_text())
+    assert [(r["kind"], r["round"]) for r in rounds] == [("ticket", k) for k in range(3)]
+    pct = [r["percent_remaining"] for r in rounds]
     assert pct[0] == 100.0 and pct[0] > pct[1] > pct[2]
     for k in range(3):
         trial = proj.root / "runs" / "ticket" / f"round_{k:02d}" / "trial_0"
@@ -61,8 +64,35 @@ def test_repro_runs_every_stage_in_order(proj: Project) -> None:
         assert run["seconds"]["train"] > 0 and run["seconds"]["eval"] > 0
     for fig in ("accuracy.png", "early_stop.png", "learning_curves.png"):
         assert (proj.root / "results" / "figures" / fig).stat().st_size > 10_000
-    csv_header = (proj.root / "results" / "plots" / "sparsity.csv").read_text().splitlines()[0]
-    assert "percent_remaining" in csv_header and "ticket_test_accuracy_at_early_stop_min" in csv_header
+    # the summary: three rounds reach none of the key sparsities (51% and below)
+    metrics = json.loads((proj.root / "results" / "metrics.json").read_text())
+    best = max(rounds[1:], key=lambda r: r["test_accuracy_at_early_stop"])
+    assert metrics == {
+        "dense": round(rounds[0]["test_accuracy_at_early_stop"], 4),
+        "best": round(best["test_accuracy_at_early_stop"], 4),
+        "best_round": best["round"],
+        "best_at%": float(f"{best['percent_remaining']:.3g}"),
+    }
+
+
+def test_plots_show_draws_each_plot_once(proj: Project) -> None:
+    """Each interactive plot and each PNG figure once, no default plot of the plot data, and lines coloured by
+    kind with a band around each."""
+    plots = json.loads(proj.dvc("plots", "show", "--json").stdout)["data"]
+    figures = [f"results/figures/{name}.png" for name in ("accuracy", "early_stop", "learning_curves")]
+    assert sorted(plots) == sorted([*render.SPARSITY_PLOTS, "learning_curves", *figures])
+    assert all(len(renderers) == 1 for renderers in plots.values()), {k: len(v) for k, v in plots.items()}
+    assert [plots[f][0]["type"] for f in figures] == ["image"] * 3
+    for plot_id, labels in [(m, {"winning ticket (IMP)"}) for m in render.SPARSITY_PLOTS] + [
+        ("learning_curves", {"winning ticket (IMP)", "dense network"})
+    ]:
+        spec = plots[plot_id][0]["content"]
+        values = spec["data"]["values"]
+        assert {v["label"] for v in values} == labels, plot_id
+        y = "test_accuracy" if plot_id == "learning_curves" else plot_id
+        assert all(float(v[f"{y}_low"]) <= float(v[y]) <= float(v[f"{y}_high"]) for v in values), plot_id
+        encoding = spec.get("spec", spec)["encoding"]
+        assert encoding["color"]["field"] == "label", plot_id
 
 
 def test_pruned_weights_stay_zero_and_rewind_to_init(proj: Project) -> None:
@@ -85,9 +115,8 @@ def test_mlflow_has_every_round(proj: Project) -> None:
 
     hp = config.load(proj.root / "params.yaml")
     client = MlflowClient(proj.tracking_uri)
-    exp = client.get_experiment_by_name(f"lth/{hp.short_name}")
-    assert exp is not None
-    runs = client.search_runs([exp.experiment_id])
+    [exp] = client.search_experiments(filter_string=f"tags.`lth.hash` = '{hp.hash}'")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if "lth.round" in r.data.tags]  # not the parent
     assert sorted(int(r.data.tags["lth.round"]) for r in runs) == [0, 1, 2]
     for r in runs:
         assert r.data.tags["lth.hash"] == hp.hash

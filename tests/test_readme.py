@@ -123,6 +123,18 @@ def pulled_outputs(cwd: Path, out: str) -> None:
     assert not (clone / "mlflow.db").exists(), "a stage ran in the clone"
 
 
+def readable_results(cwd: Path, out: str) -> None:
+    """The summary and the experiments table fit 120 columns and hold the summary; each plot is drawn once."""
+    lines = [line for line in out.splitlines() if "dvc_plots" not in line]  # the page's path varies
+    assert max(map(len, lines)) <= 120, out
+    metrics = json.loads((cwd / "results" / "metrics.json").read_text())
+    header = next(line.split() for line in lines if line.startswith("Experiment") or " Experiment " in line)
+    assert header == ["Experiment", *metrics], out  # the summary, no param or dependency (nothing differs)
+    page = (cwd / "dvc_plots" / "index.html").read_text()
+    for figure in ("accuracy", "early_stop", "learning_curves"):
+        assert page.count(f"results_figures_{figure}.png") == 1, figure
+
+
 # `dvc queue start` returns at once; the README says to wait until `dvc queue status` says Success.
 UNTIL_DONE = "while dvc queue status | grep -qE 'Queued|Running'; do sleep 2; done; dvc queue status"
 # The shared trained project: tiny XOR, one round, with the random-reinit control (`lth verify --kind reinit`).
@@ -153,7 +165,7 @@ HOW: dict[str, How] = {
         "test_suite",
         where="checkout",
         subs={
-            "python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && ": "",
+            "scripts/install-system-packages && python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && ": "",
             ".venv/bin/python -m pytest": ".venv/bin/python -m pytest --collect-only -q",
         },
         expect=("tests collected",),
@@ -169,6 +181,14 @@ HOW: dict[str, How] = {
         check=lenet_selected_again,
         mnist=True,
         slow=True,
+    ),
+    # Reading the results of the shared trained project, as written.
+    "dvc metrics show": How(
+        "reading_results",
+        where="trained",
+        params=TRAINED,
+        creates=("dvc_plots/index.html",),
+        check=readable_results,
     ),
     # Everyday commands: the project's hash instead of the example's, round 1 of 1 instead of 7, `lth ui` on a
     # free port (it must answer HTTP).

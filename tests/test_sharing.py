@@ -1,4 +1,5 @@
-"""Sharing results with collaborators: DVC outputs through a remote, MLflow runs through a server."""
+"""Sharing results with collaborators: DVC outputs through a remote, MLflow runs through a server, or each
+clone's own store brought up to date from the pulled outputs with `lth sync-mlflow`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,6 +100,7 @@ def test_pipeline_logs_to_a_shared_mlflow_server(
             for e in client.search_experiments()
             if e.name.startswith("lth/")
             for r in client.search_runs([e.experiment_id])
+            if "lth.round" in r.data.tags  # a trained network (not its trajectory's parent run)
         ]
         assert sorted(r.data.tags["lth.round"] for r in runs) == ["0", "1"]
         assert all(r.info.status == "FINISHED" for r in runs)
@@ -110,3 +113,44 @@ def test_pipeline_logs_to_a_shared_mlflow_server(
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def browsed(uri: str) -> dict[str, Any]:
+    """What a person browsing the store sees, by experiment and run name: the parent's name (nesting), the
+    run's span, its metrics (every point) and its artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    out = {}
+    for exp in client.search_experiments(filter_string="tags.`lth.hash` != ''"):
+        runs = client.search_runs([exp.experiment_id])
+        names = {r.info.run_id: r.info.run_name for r in runs}
+        for r in runs:
+            out[f"{exp.name}: {r.info.run_name}"] = (
+                names.get(r.data.tags.get("mlflow.parentRunId")),
+                (r.info.start_time, r.info.end_time),
+                {k: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, k)] for k in r.data.metrics},
+                sorted(a.path for a in client.list_artifacts(r.info.run_id)),
+            )
+    return out
+
+
+def test_a_collaborator_syncs_the_same_mlflow_runs_after_dvc_pull(
+    tmp_path: Path, trained_project: Callable[..., Project], xor_params
+) -> None:
+    """A clone has its own store, empty after `dvc pull` (no stage runs); `lth sync-mlflow` logs the pulled
+    outputs: the same experiment, trajectories, rounds (names, nesting, spans), metrics and artifacts as the
+    store of the clone that computed them."""
+    alice = trained_project(xor_params({"controls.random_reinit": True}))
+    alice.dvc("remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    alice.run("git", "add", "-A")
+    alice.run("git", "commit", "-qm", "results")
+    alice.dvc("push")
+    bob = Project(tmp_path / "bob")
+    subprocess.run(["git", "clone", "-q", str(alice.root), str(bob.root)], check=True, env=bob.env)
+    bob.dvc("pull")
+    assert not (bob.root / "mlflow.db").exists()
+    out = bob.lth("sync-mlflow").stdout
+    assert "3 logged" in out and "to 2 trajectory run(s)" in out, out
+    theirs = browsed(alice.tracking_uri)
+    assert len(theirs) == 5 and browsed(bob.tracking_uri) == theirs  # 3 rounds, 2 trajectories

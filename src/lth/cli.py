@@ -7,19 +7,25 @@ from lth.pipeline import numerics
 numerics.pin()  # before torch is imported (lth verify re-trains): see lth.pipeline.numerics
 
 import contextlib  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import click  # noqa: E402
 
 from lth import __version__  # noqa: E402
 from lth.core import config  # noqa: E402
 from lth.core.hparams import Hparams  # noqa: E402
+from lth.core.runtime import RuntimeSettings  # noqa: E402
 from lth.lottery.layout import KINDS  # noqa: E402
 from lth.pipeline import render, stage  # noqa: E402
 from lth.pipeline.workspace import DATA_DIR, RESULTS_DIR, RUNS_DIR  # noqa: E402
+
+if TYPE_CHECKING:
+    from lth.reporting.compare import Experiment
 
 
 def regular_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -41,13 +47,14 @@ PARAMS_OPTION = click.option(
     callback=regular_file,
     help="params file of the experiment",
 )
+# -S means the same everywhere: one override of the params (--params), as in `dvc exp run -S`.
 SET_OPTION = click.option(
     "--set",
     "-S",
     "overrides",
     multiple=True,
     metavar="KEY=VALUE",
-    help="override one hyperparameter, e.g. -S training.lr=3e-4 (repeatable)",
+    help="override one key of the params, e.g. -S training.lr=3e-4 (repeat -S for more)",
 )
 
 
@@ -66,6 +73,20 @@ def refuse_while_dvc_runs() -> None:
 def load_or_exit(params_path: str, overrides: tuple[str, ...] = ()) -> Hparams:
     with user_errors():
         return config.load(params_path, overrides)
+
+
+def settings_or_exit(params_path: str, overrides: tuple[str, ...] = ()) -> RuntimeSettings:
+    """The runtime settings of the params file with the `runtime.*` ones of `overrides` applied (the
+    overrides are validated by `load_or_exit` first)."""
+    from lth.core import runtime
+    from lth.pipeline.workspace import checkpoint_dir
+
+    with user_errors():
+        section = config.runtime_section(params_path)
+        for key, value in map(config.parse_override, overrides):
+            if key.startswith("runtime."):
+                section[key.removeprefix("runtime.")] = value
+        return runtime.resolve(section, checkpoint_dir())
 
 
 @contextlib.contextmanager
@@ -120,8 +141,30 @@ def pipeline_cmd(params_path: str) -> None:
     )
 
 
+def write_params_and_pipeline(params_path: str, overrides: tuple[str, ...]) -> Hparams:
+    """`lth run`'s first steps: validate the params with the -S overrides, write those into the params file,
+    render dvc.yaml; each says what it changed."""
+    from lth.pipeline import presets
+
+    hp = load_or_exit(params_path, overrides)
+    refuse_while_dvc_runs()
+    with user_errors():
+        if overrides:
+            changes = presets.write_overrides(Path(params_path), overrides)
+            click.echo(f"lth: {params_path}: {'; '.join(changes) or 'already holds these values'}", err=True)
+        changed = render.write(hp)
+    if changed:  # only when the stage structure changed (rounds, controls, schedule)
+        click.echo(
+            f"lth: dvc.yaml re-rendered: its stages now follow params.yaml (pruning.rounds={hp.pruning.rounds}, "
+            f"controls: {', '.join(render.control_kinds(hp)) or 'none'}); commit it with dvc.lock",
+            err=True,
+        )
+    return hp
+
+
 @main.command("run", context_settings={"ignore_unknown_options": True})
 @PARAMS_OPTION
+@SET_OPTION
 @click.option(
     "--jobs",
     "-j",
@@ -131,25 +174,19 @@ def pipeline_cmd(params_path: str) -> None:
     help="stages run side by side (0 = auto: one per core for fully connected networks, else 1)",
 )
 @click.argument("dvc_args", nargs=-1, type=click.UNPROCESSED)
-def run_cmd(params_path: str, jobs: int, dvc_args: tuple[str, ...]) -> None:
+def run_cmd(params_path: str, overrides: tuple[str, ...], jobs: int, dvc_args: tuple[str, ...]) -> None:
     """Validate params, render dvc.yaml, then reproduce the pipeline through DVC.
 
-    With one job this is `dvc repro` (extra arguments go to it). With several, independent stages (a
-    round's controls beside the next round, the rounds of a one-shot experiment) run at the same time,
-    each as `dvc repro --single-item STAGE`: DVC records and caches them as usual.
+    With -S, the overrides are validated and written into the params file first (comments kept), as
+    `dvc exp run -S` does. With one job this is `dvc repro` (extra arguments go to it). With several,
+    independent stages (a round's controls beside the next round, the rounds of a one-shot experiment)
+    run at the same time, each as `dvc repro --single-item STAGE`: DVC records and caches them as usual;
+    on a terminal a live line per running stage shows its progress.
     """
+    from lth.lottery import progress
     from lth.pipeline import schedule
 
-    hp = load_or_exit(params_path)
-    refuse_while_dvc_runs()
-    with user_errors():
-        changed = render.write(hp)
-    if changed:  # only when the stage structure changed (rounds, controls, schedule)
-        click.echo(
-            f"lth: dvc.yaml re-rendered: its stages now follow params.yaml (pruning.rounds={hp.pruning.rounds}, "
-            f"controls: {', '.join(render.control_kinds(hp)) or 'none'}); commit it with dvc.lock",
-            err=True,
-        )
+    hp = write_params_and_pipeline(params_path, overrides)
     if jobs > 1 and dvc_args:
         raise click.UsageError(
             f"extra dvc repro arguments ({' '.join(dvc_args)}) work with one job only: drop them or pass -j 1"
@@ -163,11 +200,8 @@ def run_cmd(params_path: str, jobs: int, dvc_args: tuple[str, ...]) -> None:
         except RuntimeError as e:
             raise click.ClickException(str(e)) from None
         jobs = min(jobs, schedule.width(graph, todo))  # a chain runs as plain dvc repro, with live bars
-    try:
-        settings = stage.load(params_path).settings
-    except stage.USER_ERRORS as e:
-        raise click.ClickException(str(e)) from None
-    env = schedule.child_env(jobs, hp.model.name, settings)
+    live = jobs > 1 and progress.interactive()
+    env = schedule.child_env(jobs, hp.model.name, settings_or_exit(params_path), live)
     if jobs <= 1:
         click.echo(f"lth: experiment {hp.short_name} ({hp.pruning.rounds} rounds); running dvc repro", err=True)
         sys.exit(subprocess.call([*schedule.DVC, "repro", *dvc_args], env=env))
@@ -176,7 +210,7 @@ def run_cmd(params_path: str, jobs: int, dvc_args: tuple[str, ...]) -> None:
         f"stages to run, up to {jobs} at a time",
         err=True,
     )
-    sys.exit(schedule.repro(graph, todo, jobs, env))
+    sys.exit(schedule.repro(graph, todo, jobs, env, progress.StageDisplay(live)))
 
 
 @main.command("locate")
@@ -239,15 +273,12 @@ def preset_cmd(name: str | None, list_: bool, force: bool, params_path: str) -> 
 
     if list_ or not name:
         click.echo(
-            "Presets, with an estimate of the whole experiment's CPU time (measured seconds per iteration "
-            "on one CPU thread x iterations x networks; a rough guide, a GPU is far faster):"
+            "Presets, with an estimate of the whole experiment's CPU time on one core (measured seconds per "
+            "iteration x iterations x networks, plus each stage's start-up; a rough guide, a GPU is far faster):"
         )
         for preset_name, path in presets.available().items():
-            hp = load_or_exit(str(path))
-            click.echo(
-                f"  {preset_name:<16} ~{presets.format_duration(presets.estimate_cpu_seconds(hp)):>9}  "
-                f"{presets.description(path)}"
-            )
+            with user_errors():
+                click.echo(f"  {preset_name:<16} {'~' + presets.estimate(path):>10}  {presets.description(path)}")
         if not name:
             click.echo("Select one with `lth preset NAME`, then `lth run`.")
         return
@@ -259,7 +290,8 @@ def preset_cmd(name: str | None, list_: bool, force: bool, params_path: str) -> 
 @PARAMS_OPTION
 @SET_OPTION
 def sync_mlflow_cmd(params_path: str, overrides: tuple[str, ...]) -> None:
-    """Log to MLflow every finished round under runs/ that MLflow lacks (after the server was down)."""
+    """Log to MLflow every finished round under runs/ that MLflow lacks (after the server was down, or after
+    `dvc pull` into a clone with its own store), nested under its trajectory, and results/ to the parents."""
     from lth.tracking.store import Tracker, TrackingError, tracking_uri
     from lth.tracking.sync import sync
 
@@ -279,16 +311,17 @@ def sync_mlflow_cmd(params_path: str, overrides: tuple[str, ...]) -> None:
 
 @main.command("verify")
 @PARAMS_OPTION
+@SET_OPTION
 @click.option("--round", "round_index", type=int, default=None, help="round to re-run [default: the last]")
 @click.option("--kind", type=click.Choice(KINDS), default="ticket", show_default=True)
 @click.option("--trial", type=int, default=0, show_default=True)
-def verify_cmd(params_path: str, round_index: int | None, kind: str, trial: int) -> None:
+def verify_cmd(params_path: str, overrides: tuple[str, ...], round_index: int | None, kind: str, trial: int) -> None:
     """Re-run one round from its recorded inputs in a temporary directory and compare it with the recorded
     outputs (mask, final weights, curve, metrics). Exits 1 on a mismatch; the workspace and MLflow are
     not touched."""
     from lth.lottery.verify import verify
 
-    hp = load_or_exit(params_path)
+    hp = load_or_exit(params_path, overrides)
     round_index = hp.pruning.rounds if round_index is None else round_index
     if not 0 <= round_index <= hp.pruning.rounds:
         raise click.ClickException(
@@ -298,11 +331,9 @@ def verify_cmd(params_path: str, round_index: int | None, kind: str, trial: int)
         raise click.ClickException(f"--trial {trial}: not a trial of this experiment (trials 0..{hp.trials - 1}).")
     from lth.pipeline.schedule import recorded_changes
 
-    try:
-        settings = stage.load(params_path).settings
+    settings = settings_or_exit(params_path, overrides)
+    with user_errors():
         ok = verify(hp, round_index, kind, trial, Path(RUNS_DIR), Path(DATA_DIR), settings, echo=click.echo)
-    except stage.USER_ERRORS as e:
-        raise click.ClickException(str(e)) from None
     if not ok:  # name the first thing that differs from DVC's record: an input, or the round itself
         changes = recorded_changes(render.stage_name(kind, round_index))
         if changes:
@@ -314,17 +345,35 @@ def verify_cmd(params_path: str, round_index: int | None, kind: str, trial: int)
     sys.exit(0 if ok else 1)
 
 
+# A comma that starts the next KEY=VALUE of a `lth compare` argument (not one inside a list value: [1,2]).
+NEXT_OVERRIDE = re.compile(r",(?=\s*[A-Za-z_][\w.]*\s*=)")
+
+
+def compare_experiment(spec: str, overrides: tuple[str, ...], params_path: str) -> Experiment:
+    """One argument of `lth compare` as a `lth.reporting.compare.Experiment`; -S `overrides` apply to every
+    experiment read from params."""
+    from lth.pipeline import presets
+    from lth.reporting import compare
+
+    if Path(spec).is_file():
+        return compare.from_params(spec, overrides)
+    if "=" in spec:
+        return compare.from_params(params_path, (*overrides, *NEXT_OVERRIDE.split(spec)), label=spec)
+    if spec in presets.available():
+        return compare.from_params(str(presets.path_of(spec)), overrides, label=spec)
+    if compare.HASH_RE.match(spec.lower()):
+        return compare.Experiment(spec, spec.lower())
+    raise click.ClickException(
+        f"'{spec}' is no experiment: give a params file that exists, a preset ({', '.join(presets.available())}), "
+        "KEY=VALUE[,KEY=VALUE...] overrides of the params, or an experiment hash (6+ hex digits, as "
+        "`lth locate` prints)."
+    )
+
+
 @main.command("compare")
-@click.argument("experiments", nargs=-1, metavar="[PARAMS_FILE | HASH]...")
-@click.option(
-    "--set",
-    "-S",
-    "override_sets",
-    multiple=True,
-    metavar="'KEY=VALUE ...'",
-    help="one experiment: space-separated overrides of --params, e.g. -S 'training.lr=3e-4' (repeatable)",
-)
+@click.argument("experiments", nargs=-1, metavar="EXPERIMENT...")
 @PARAMS_OPTION
+@SET_OPTION
 @click.option(
     "--kind",
     type=click.Choice(KINDS),
@@ -334,25 +383,33 @@ def verify_cmd(params_path: str, round_index: int | None, kind: str, trial: int)
 )
 @click.option("--no-mlflow", is_flag=True, help="only the workspace's DVC outputs, do not query the MLflow store")
 def compare_cmd(
-    experiments: tuple[str, ...], override_sets: tuple[str, ...], params_path: str, kind: str, no_mlflow: bool
+    experiments: tuple[str, ...], params_path: str, overrides: tuple[str, ...], kind: str, no_mlflow: bool
 ) -> None:
     """Compare two or more experiments side by side: per round, percent of weights remaining, test accuracy
     at early stop (mean [min-max] over trials) and early-stop iteration.
 
-    Experiments are params files, experiment hashes (or 6+ digit prefixes, as `lth locate` prints) or -S
-    override sets of --params. Results come from the workspace (runs/) and the MLflow store.
+    Each EXPERIMENT is one of: a params file; a preset name (presets/NAME.yaml); KEY=VALUE[,KEY=VALUE...],
+    the params (--params) with these changes; or an experiment hash (the full MD5 or a prefix of 6+ hex
+    digits, as `lth locate` prints). -S KEY=VALUE changes every experiment read from params (files,
+    presets, KEY=VALUE). Results come from the workspace (runs/) and the MLflow store.
 
     \b
     Examples:
-      lth compare -S 'training.lr=1.2e-3' -S 'training.lr=3e-4'
-      lth compare params.yaml other/params.yaml
-      lth compare 94435125 1f3c2a7e
+      lth compare training.lr=1.2e-3 training.lr=3e-4
+      lth compare training.lr=3e-4,trials=2 params.yaml -S pruning.rounds=5
+      lth compare lenet lenet_oneshot
+      lth compare params.yaml 94435125
     """
     from lth.reporting import compare
     from lth.tracking.store import TrackingError
 
+    if len(experiments) < 2:
+        raise click.UsageError(
+            "give two or more experiments: params files, presets, KEY=VALUE overrides or hashes "
+            "(e.g. `lth compare training.lr=1.2e-3 training.lr=3e-4`)"
+        )
     with user_errors():
-        exps = compare.experiments(experiments, override_sets, params_path)
+        exps = [compare_experiment(spec, overrides, params_path) for spec in experiments]
         try:
             text = compare.compare(exps, Path(RUNS_DIR), use_mlflow=not no_mlflow, kind=kind)
         except TrackingError as e:
@@ -398,12 +455,13 @@ def ui_cmd(host: str, port: int) -> None:
     MLFLOW_TRACKING_URI). Stop it with Ctrl-C."""
     import os
 
-    from lth.tracking.store import tracking_uri
+    from lth.tracking.store import relocate, tracking_uri
 
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         click.echo(f"MLFLOW_TRACKING_URI points at a tracking server: open {uri} in a browser.")
         return
+    relocate(uri)  # a moved or copied project: the store's artifact paths follow it
     click.echo(f"MLflow UI of {uri} at http://{host}:{port} (Ctrl-C stops it)", err=True)
     # exec: Ctrl-C and kill reach MLflow's server directly.
     os.execv(
@@ -427,14 +485,15 @@ def ui_cmd(host: str, port: int) -> None:
 
 @main.command("report")
 @PARAMS_OPTION
+@SET_OPTION
 @out_option(f"{RESULTS_DIR}/report.html")
 @click.option("--force", is_flag=True, help="replace an existing --out file that is not an earlier report")
-def report_cmd(params_path: str, out: str | None, force: bool) -> None:
+def report_cmd(params_path: str, overrides: tuple[str, ...], out: str | None, force: bool) -> None:
     """Write the one-page HTML report of the experiment (key table, figures, hyperparameters and hash)
     from the workspace's outputs. The evaluate stage writes the same page to results/report.html."""
     from lth.reporting import html as html_report
 
-    hp = load_or_exit(params_path)
+    hp = load_or_exit(params_path, overrides)
     with user_errors():
         path = html_report.from_workspace(hp, Path(RUNS_DIR), Path(RESULTS_DIR), Path(out) if out else None, force)
     click.echo(f"wrote {path}: open {path.resolve().as_uri()}")

@@ -246,6 +246,12 @@ def _check_ranges(hp: Hparams) -> list[str]:
             f"training.batch_size={t.batch_size} exceeds the training split of {hp.dataset.name} "
             f"({dataset.train_size - hp.dataset.validation_size} examples after dataset.validation_size)"
         )
+    if dataset is not None and hp.dataset.augment and not dataset.augmentable:
+        augmentable = ", ".join(name for name, d in DATASETS.items() if d.augmentable)
+        p.append(
+            f"dataset.augment: random flips and pad-and-crop are for natural images ({augmentable}), "
+            f"not {hp.dataset.name}: set it to false"
+        )
     if not 0 <= t.momentum < 1:
         p.append(f"training.momentum: must be in [0, 1), got {t.momentum}")
     if t.weight_decay < 0:

@@ -6,7 +6,9 @@
         rewind.pt     weights at the rewind iteration (ticket round 0 only: every round rewinds to them)
         metrics.json  summary metrics (accuracy at early stop and at the end, ...): what was computed
         curve.csv     learning curve: one row per evaluation
-        run.json      how it ran: wall time by phase (measured, so it differs run to run; no check compares it)
+        run.json      how it ran: wall-clock start and end (epoch ms), wall time by phase, the numeric
+                      environment, the git commit (measured or circumstantial, so it differs run to run;
+                      no check compares it; MLflow's run takes its times and source from it)
 
 `kind` is the branch: `ticket` (IMP), `reinit` (the ticket's mask, fresh weights) or `random_pruning`
 (a random mask with the ticket's per-layer sparsity, original weights).

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,20 @@ def code_fingerprint() -> str:
     for path in files:
         digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
+
+
+def git_commit() -> str | None:
+    """The commit checked out where the trial runs (a DVC experiment's workspace has its own), or None
+    outside a git repository: recorded so that MLflow links the run to its code."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,7 @@ def run_trial(
     t: Trial, data: Data, settings: RuntimeSettings, progress: ProgressFn | None = None, stop: StopRequest | None = None
 ) -> dict[str, Any]:
     """Train the network of `t` (resuming from its checkpoint) and write its outputs under `t.runs`."""
+    started = now_ms()
     model, mask, start = prepare_network(t.hp, t.runs, t.round_index, t.kind, t.trial)
     model.to(settings.device)
     rewind_at = t.hp.pruning.rewind_iteration if (t.round_index == 0 and t.kind == "ticket") else None
@@ -85,7 +102,13 @@ def run_trial(
         "mask_md5": pruning.mask_hash(mask),
         "hash": t.hp.hash,
     }
-    run_info = {"seconds": result.seconds, "environment": numeric_environment(settings.device, result.engine)}
+    run_info = {
+        "seconds": result.seconds,
+        "environment": numeric_environment(settings.device, result.engine),
+        "start_ms": started,  # wall clock (epoch ms): MLflow's run spans the training
+        "end_ms": now_ms(),
+        **({"git_commit": commit} if (commit := git_commit()) else {}),
+    }
     write_outputs(t.out, metrics, result.state, mask, result.curve, result.rewind_state, run_info)
     if checkpointer is not None:
         checkpointer.remove()

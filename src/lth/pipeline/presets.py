@@ -1,24 +1,32 @@
-"""Presets: one complete params file per experiment of the paper, in presets/<name>.yaml.
+"""What params.yaml holds: a preset (one complete params file per experiment of the paper, in
+presets/<name>.yaml), possibly with `-S key=value` overrides written into it; and how long it runs.
 
 Selecting a preset copies it to params.yaml and re-renders dvc.yaml, so every experiment runs from the
-same pipeline and differs only in its params. The first comment line of a preset is its description.
+same pipeline and differs only in its params. The first comment line of a preset is its description; its
+time is `estimate_cpu_seconds`, never written in the file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lth.core import config, hparams
 from lth.pipeline import render as pipeline
 
-# Seconds per training iteration (at the preset's batch size, with augmentation where the preset uses
-# it) and per evaluated example, measured on the development machine's CPU: one thread, the fastest of a
-# few steps, PyTorch 2.14 (the machine has 2 cores and was shared, so two threads fought for them). The
-# basis of the rough estimates of `lth preset --list`; a GPU is orders of magnitude faster.
+# CPU seconds per training iteration (the preset's batch size, optimizer and augmentation, every weight
+# kept) and per evaluated example: the fastest steps on one thread of the development machine (AMD EPYC
+# without AVX-512, so the portable numerics' AVX2 cap changes nothing; 2 cores; PyTorch 2.14), which
+# docs/performance.md's loop benchmarks confirm (LeNet-300-100 1.5 ms, Conv-2 0.17 s per iteration).
+# `python benchmarks/bench_estimates.py` re-measures them; with the machine's cores busy with other work
+# it gave 1.5x to 2.6x these (2026-11-26). A GPU is orders of magnitude faster.
 CPU_SECONDS: dict[str, tuple[float, float]] = {
     "xor": (0.00027, 0.0000001),
     "lenet_300_100": (0.0016, 0.000004),
@@ -29,8 +37,10 @@ CPU_SECONDS: dict[str, tuple[float, float]] = {
     "vgg16": (1.4, 0.0052),
     "vgg19": (1.8, 0.0068),
 }
-TEST_SIZE = {"mnist": 10000, "cifar10": 10000, "xor": 1000}
-# Fixed cost of one DVC stage process (python and torch start-up, mlflow import and store, data load).
+TEST_SIZE = {"mnist": 10000, "fashion_mnist": 10000, "cifar10": 10000, "cifar100": 10000, "svhn": 26032, "xor": 1000}
+# Seconds of one DVC stage beyond its training loop (python and `import torch`, DVC's checks and caching,
+# MLflow's import and store, loading data): 6.0 to 7.6 s per training stage in docs/performance.md's two
+# runs of the default experiment. Most of a short preset's time (xor, lenet_quick).
 STAGE_SECONDS = 6.0
 
 
@@ -65,8 +75,10 @@ def description(path: Path) -> str:
 
 
 def estimate_cpu_seconds(hp: hparams.Hparams) -> float:
-    """Rough CPU time of a whole experiment: trained networks x (iterations x s/iteration + evaluations),
-    plus the fixed cost of each stage process."""
+    """The one estimate of how long an experiment runs, in CPU seconds on one core of the development
+    machine: trained networks x (iterations x s/iteration + evaluated examples x s/example), plus the
+    fixed cost of each stage. `lth run` on 2 cores runs a round's controls beside the next round, so
+    with controls the wall time is shorter."""
     train_s, eval_s = CPU_SECONDS.get(hp.model.name, (1.0, 0.01))
     t = hp.training
     evaluated = (
@@ -79,10 +91,64 @@ def estimate_cpu_seconds(hp: hparams.Hparams) -> float:
 
 
 def format_duration(seconds: float) -> str:
+    """`45 s`, `95 s` (seconds up to two minutes), `2.5 min`, `1.3 h`, `4.0 d`."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
             return f"{seconds / size:.1f} {unit}"
     return f"{seconds:.0f} s"
+
+
+def estimate(path: Path) -> str:
+    """A preset's estimated time, as `lth preset --list`, `lth preset NAME` and the README's table give it."""
+    return format_duration(estimate_cpu_seconds(config.load(path)))
+
+
+def write_overrides(params_path: Path, overrides: Sequence[str]) -> list[str]:
+    """Write `key=value` overrides into a params file, as `dvc exp run -S` does: validated first, then a
+    round trip through ruamel.yaml (DVC's YAML library), which keeps comments and layout. Returns
+    "key: old -> new" for each value that changed."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedSeq
+
+    expected = config.load(params_path, overrides)  # every problem at once, before anything is written
+    yaml = YAML()
+    yaml.width = 4096  # never re-wrap a line
+    doc = yaml.load(params_path.read_text())
+    changes = []
+    for key, value in map(config.parse_override, overrides):
+        *parents, last = key.split(".")
+        section = doc
+        for name in parents:
+            section = section.setdefault(name, {})
+        if isinstance(value, list):
+            value = CommentedSeq(value)
+            value.fa.set_flow_style()  # [100, 200], as params files write lists
+        old = section.get(last, "(unset)")
+        if old != value:
+            changes.append(f"{key}: {_plain(old)} -> {_plain(value)}")
+        section[last] = value
+    text = io.StringIO()
+    yaml.dump(doc, text)
+    _replace(params_path, text.getvalue(), expected)
+    return changes
+
+
+def _plain(value: Any) -> str:
+    return str(list(value)) if isinstance(value, list) else str(value)
+
+
+def _replace(path: Path, text: str, expected: hparams.Hparams) -> None:
+    """Write `text` over `path` atomically, once it reads back as `expected`."""
+    tmp = path.with_name(f".{path.name}.lth-tmp")
+    tmp.write_text(text)
+    try:
+        if config.load(tmp) != expected:
+            raise ValueError(f"{path}: the overrides could not be written as given; edit the file instead.")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _uncommitted(paths: list[Path]) -> list[str]:
@@ -140,5 +206,5 @@ def select(
         )
     return (
         f"params.yaml is now preset '{name}'{saved} and {dvc_yaml} is rendered: {description(source)}\n"
-        f"Run it with `lth run` (estimated CPU time {format_duration(estimate_cpu_seconds(hp))})."
+        f"Run it with `lth run` (estimated CPU time {estimate(source)})."
     )

@@ -58,14 +58,6 @@ def control_kinds(hp: Hparams) -> list[str]:
     return [kind for kind, switch in CONTROLS.items() if getattr(hp.controls, switch)]
 
 
-def selected_rounds(rounds: int) -> list[int]:
-    """Rounds whose learning curves are drawn: those of the paper's Figure 3 (100, 51, 21, 7, 3.6, 1.9%
-    for LeNet), or every round of a short experiment."""
-    if rounds <= 6:
-        return list(range(rounds + 1))
-    return [k for k in (0, 3, 7, 12, 15, 18) if k <= rounds] or [0]
-
-
 def _train_stage(kind: str, k: int, deps: list[str], params: list[str]) -> dict[str, Any]:
     return {
         "cmd": f"python stages/train_round.py --kind {kind} --round {k}",
@@ -90,45 +82,43 @@ def _train_stages(hp: Hparams) -> dict[str, Any]:
     return stages
 
 
-def _sparsity_plot(columns: list[str], y_label: str, title: str) -> dict[str, Any]:
-    return {
-        "template": "lth_sparsity",
-        "x": "percent_remaining",
-        "y": {f"{RESULTS_DIR}/plots/sparsity.csv": columns},
-        "x_label": "percent of weights remaining (log scale)",
-        "y_label": y_label,
-        "title": title,
-    }
+PLOTS = f"{RESULTS_DIR}/plots"  # plot data: git-tracked like the metrics, drawn only by the plots below
+SPARSITY_PLOTS = {  # plot id (a column of sparsity.csv) -> y label and title
+    "test_accuracy_at_early_stop": ("test accuracy at early stop", "Test accuracy at early stop"),
+    "test_accuracy_final": ("test accuracy at the end of training", "Test accuracy at the end of training"),
+    "early_stop_iteration": ("early-stopping iteration", "Early-stopping iteration (minimum validation loss)"),
+}
 
 
-def _plots(hp: Hparams) -> list[Any]:
-    """The top-level plots: accuracy and early-stop iteration against sparsity, learning curves, the PNGs."""
-    controls = control_kinds(hp)
-    accuracy = [
-        "ticket_test_accuracy_at_early_stop",
-        "ticket_test_accuracy_final",
-        *[f"{c}_test_accuracy_at_early_stop" for c in controls],
-    ]
-    early_stop = ["ticket_early_stop_iteration", *[f"{c}_early_stop_iteration" for c in controls]]
-    curves = [f"round_{k:02d}" for k in selected_rounds(hp.pruning.rounds)]
-    return [
-        {"accuracy": _sparsity_plot(accuracy, "test accuracy", "Test accuracy against sparsity")},
+def _plots() -> list[Any]:
+    """The top-level plots: columns of the per-round table against sparsity, and the learning curves, one line
+    per kind (the templates in .dvc/plots colour by its label and shade the band around the mean). The plot
+    data is no stage's plots (DVC would add a default plot of each file), and the PNG figures are the
+    evaluate stage's plots only, so that `dvc plots show` renders each once."""
+    sparsity = [
         {
-            "early_stop": _sparsity_plot(
-                early_stop, "early-stopping iteration", "Early-stopping iteration against sparsity"
-            )
-        },
-        {
-            "learning_curves": {
-                "x": "iteration",
-                "y": {f"{RESULTS_DIR}/plots/curves.csv": curves},
-                "x_label": "iteration",
-                "y_label": "test accuracy",
-                "title": "Test accuracy during training, selected rounds",
+            metric: {
+                "template": "lth_sparsity",
+                "x": "percent_remaining",
+                "y": {f"{PLOTS}/sparsity.csv": metric},
+                "x_label": "percent of weights remaining (log scale)",
+                "y_label": y_label,
+                "title": f"{title} against sparsity",
             }
-        },
-        f"{RESULTS_DIR}/figures",
+        }
+        for metric, (y_label, title) in SPARSITY_PLOTS.items()
     ]
+    curves = {
+        "learning_curves": {
+            "template": "lth_curves",
+            "x": "iteration",
+            "y": {f"{PLOTS}/curves.csv": "test_accuracy"},
+            "x_label": "training iteration",
+            "y_label": "test accuracy",
+            "title": "Test accuracy during training: the ticket against its controls",
+        }
+    }
+    return [*sparsity, curves]
 
 
 def render(hp: Hparams) -> str:
@@ -143,15 +133,11 @@ def render(hp: Hparams) -> str:
         "cmd": "python stages/evaluate.py",
         "deps": ["stages/evaluate.py", *EVALUATE_CODE, *[s["outs"][0] for s in train.values()]],
         "params": ["pruning.rounds", *[f"controls.{switch}" for switch in CONTROLS.values()]],
-        "outs": [f"{RESULTS_DIR}/report.html"],
+        "outs": [f"{RESULTS_DIR}/report.html", {PLOTS: {"cache": False}}],
         "metrics": [{f"{RESULTS_DIR}/metrics.json": {"cache": False}}],
-        "plots": [
-            f"{RESULTS_DIR}/plots/sparsity.csv",
-            f"{RESULTS_DIR}/plots/curves.csv",
-            {f"{RESULTS_DIR}/figures": {"cache": False}},
-        ],
+        "plots": [{f"{RESULTS_DIR}/figures": {"cache": False}}],
     }
-    doc = {"stages": {"prepare": prepare, **train, "evaluate": evaluate}, "plots": _plots(hp)}
+    doc = {"stages": {"prepare": prepare, **train, "evaluate": evaluate}, "plots": _plots()}
     return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
 
 

@@ -5,6 +5,8 @@ docs/performance.md), so on a 2-core machine the controls of round k and the tic
 rounds of a one-shot experiment, can run together. Each stage still runs as `dvc repro --single-item`, so
 DVC records, caches and skips it exactly as a plain `dvc repro` would; DVC releases its repo lock while a
 stage's command runs, and `--wait-for-lock` makes the short locked phases of two stages wait for each other.
+Their output is relayed line by line to a `StageDisplay` (lth.lottery.progress): prefixed with the stage's
+name, and on a terminal with a live line per running stage, fed by the stages' progress records.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import yaml
 
 from lth.core.runtime import FC_MODELS, RuntimeSettings, cpu_count
+from lth.lottery.progress import PROGRESS_ENV, StageDisplay
 
 DVC = [sys.executable, "-m", "dvc"]
 
@@ -114,14 +117,17 @@ def width(graph: dict[str, set[str]], todo: list[str]) -> int:
     return max(counts.values(), default=0)
 
 
-def _relay(stream: IO[str], prefix: str, lock: threading.Lock) -> None:
-    """Copy a stage's output line by line, each line prefixed with the stage's name."""
+def _relay(stream: IO[str], stage: str, display: StageDisplay) -> None:
+    """Hand a stage's output to the display line by line (it prefixes each with the stage's name)."""
     for line in stream:
         if not line.strip() or line.strip().startswith(_HINTS):
             continue
-        with lock:
-            sys.stderr.write(f"[{prefix}] {line}")
-            sys.stderr.flush()
+        display.feed(stage, line)
+
+
+def stage_command(stage: str) -> list[str]:
+    """The process that runs one stage: DVC, which records and caches it as `dvc repro` would."""
+    return [*DVC, "--wait-for-lock", "repro", "--single-item", stage]
 
 
 def repro(
@@ -129,74 +135,104 @@ def repro(
     todo: list[str],
     jobs: int,
     env: dict[str, str] | None = None,
-    say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+    display: StageDisplay | None = None,
+    command: Callable[[str], list[str]] = stage_command,
 ) -> int:
-    """Run `todo` (in dependency order) as `dvc repro --single-item`, up to `jobs` at a time, each stage once
-    all its upstream stages in `todo` have succeeded. A failing stage stops new launches; running ones
-    finish (their results are kept). Ctrl-C reaches every stage, which checkpoints and exits. Returns the
-    exit code: 0, or the first failure's."""
-    pending, done = list(todo), set(graph) - set(todo)
-    running: dict[str, subprocess.Popen] = {}
-    relays: list[threading.Thread] = []
-    lock = threading.Lock()
-    failed: tuple[str, int] | None = None
-    started: dict[str, float] = {}
-    try:
-        while running or (pending and failed is None):
-            ready = [s for s in pending if graph[s] <= done]
-            while failed is None and ready and len(running) < jobs:
-                stage = ready.pop(0)
-                pending.remove(stage)
-                started[stage] = time.perf_counter()
-                running[stage] = subprocess.Popen(
-                    [*DVC, "--wait-for-lock", "repro", "--single-item", stage],
-                    env=env,
-                    text=True,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                )
-                relay = threading.Thread(target=_relay, args=(running[stage].stdout, stage, lock), daemon=True)
-                relay.start()
-                relays.append(relay)
-                say(
-                    f"lth: started {stage} ({len(done & set(todo))} of {len(todo)} done; running: {', '.join(running)})"
-                )
-            time.sleep(0.1)
-            for stage, proc in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                del running[stage]
-                if proc.returncode == 0:
-                    done.add(stage)
-                    say(f"lth: finished {stage} in {time.perf_counter() - started[stage]:.0f} s")
-                elif failed is None:
-                    failed = (stage, proc.returncode)
-                    say(
-                        f"lth: {stage} failed (exit code {proc.returncode}); its output is above. "
-                        + (f"Waiting for {', '.join(running)} to finish; " if running else "")
-                        + "finished stages are kept: fix the cause and run `lth run` again."
-                    )
-    except KeyboardInterrupt:
-        say("lth: interrupted; every running stage saves a checkpoint and exits. `lth run` resumes.")
-        for proc in running.values():
-            proc.wait()
-        return 130
-    finally:
-        for relay in relays:
-            relay.join(timeout=5)
-    if failed is not None:
-        return failed[1]
+    """Run `todo` (in dependency order) as `command(stage)`, up to `jobs` at a time, each stage once all its
+    upstream stages in `todo` have succeeded. A failing stage stops new launches; running ones finish
+    (their results are kept). Ctrl-C reaches every stage, which checkpoints and exits. Returns the exit
+    code: 0, or the first failure's. Output goes to `display` (plain prefixed lines by default)."""
+    run = _Run(graph, todo, env, display or StageDisplay(live=False), command)
+    with run.display:
+        try:
+            while run.running or (run.pending and run.failed is None):
+                while run.failed is None and len(run.running) < jobs and run.launch():
+                    pass
+                time.sleep(0.1)
+                run.display.tick()
+                run.reap()
+        except KeyboardInterrupt:
+            run.display.say("lth: interrupted; every running stage saves a checkpoint and exits. `lth run` resumes.")
+            for proc in run.running.values():
+                proc.wait()
+            return 130
+        finally:
+            for relay in run.relays.values():
+                relay.join(timeout=5)
+    if run.failed is not None:
+        return run.failed[1]
     if todo:
-        say("lth: all stages done; `git add dvc.lock` and commit to record them, `dvc push` to share them.")
+        run.display.say("lth: all stages done; `git add dvc.lock` and commit to record them, `dvc push` to share them.")
     return 0
 
 
-def child_env(jobs: int, model_name: str, settings: RuntimeSettings) -> dict[str, str]:
-    """The environment of the stage processes: with several at once, line-based progress (bars would
-    overwrite each other) and the cores shared out, unless the user set LTH_THREADS / LTH_WORKERS."""
+class _Run:
+    """The state of one `repro`: which stages wait, run, are done, and the first failure."""
+
+    def __init__(
+        self,
+        graph: dict[str, set[str]],
+        todo: list[str],
+        env: dict[str, str] | None,
+        display: StageDisplay,
+        command: Callable[[str], list[str]],
+    ):
+        self.graph, self.todo, self.env, self.display, self.command = graph, todo, env, display, command
+        self.pending, self.done = list(todo), set(graph) - set(todo)
+        self.running: dict[str, subprocess.Popen] = {}
+        self.relays: dict[str, threading.Thread] = {}
+        self.started: dict[str, float] = {}
+        self.failed: tuple[str, int] | None = None
+
+    def launch(self) -> bool:
+        """Start the first pending stage whose upstream stages are done; False when none is ready."""
+        stage = next((s for s in self.pending if self.graph[s] <= self.done), None)
+        if stage is None:
+            return False
+        self.pending.remove(stage)
+        self.started[stage] = time.perf_counter()
+        self.display.say(
+            f"lth: started {stage} ({len(self.done & set(self.todo))} of {len(self.todo)} done; "
+            f"running: {', '.join([*self.running, stage])})"
+        )
+        self.display.started(stage)
+        proc = subprocess.Popen(
+            self.command(stage), env=self.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        self.running[stage] = proc
+        self.relays[stage] = threading.Thread(target=_relay, args=(proc.stdout, stage, self.display), daemon=True)
+        self.relays[stage].start()
+        return True
+
+    def reap(self) -> None:
+        """Take the stages that exited out of `running`, after their last output line."""
+        for stage, proc in list(self.running.items()):
+            if proc.poll() is None:
+                continue
+            del self.running[stage]
+            self.relays[stage].join(timeout=5)
+            self.display.finished(stage)
+            if proc.returncode == 0:
+                self.done.add(stage)
+                self.display.say(f"lth: finished {stage} in {time.perf_counter() - self.started[stage]:.0f} s")
+            elif self.failed is None:
+                self.failed = (stage, proc.returncode)
+                self.display.say(
+                    f"lth: {stage} failed (exit code {proc.returncode}); its output is above. "
+                    + (f"Waiting for {', '.join(self.running)} to finish; " if self.running else "")
+                    + "finished stages are kept: fix the cause and run `lth run` again."
+                )
+
+
+def child_env(jobs: int, model_name: str, settings: RuntimeSettings, live: bool = False) -> dict[str, str]:
+    """The environment of the stage processes: with several at once, no bar of their own (their output is
+    relayed line by line), progress records for the `live` display or else sparse lines, and the cores
+    shared out, unless the user set LTH_THREADS / LTH_WORKERS."""
     env = dict(os.environ)
     if jobs > 1:
         env["CI"] = env.get("CI") or "1"
+        if live:
+            env[PROGRESS_ENV] = "json"
         env.setdefault("LTH_THREADS", str(settings.threads_for(model_name, jobs)))
         env.setdefault("LTH_WORKERS", str(max(1, cpu_count() // jobs)))
     return env

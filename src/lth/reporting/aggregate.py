@@ -1,14 +1,21 @@
-"""Aggregation of trained networks into DVC metrics and plot data (the evaluate stage's library)."""
+"""Aggregation of trained networks into DVC metrics and plot data (the evaluate stage's library).
+
+results/metrics.json is a short summary that `dvc metrics show` and `dvc exp show` can print on one line:
+the dense network's test accuracy, the best ticket's, and each kind at a few key sparsities. The per-round
+table and the learning curves are plot data in results/plots/, in long format (one row per kind and round,
+or per curve point), so that plots colour them by kind.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
-import statistics
+import math
 from pathlib import Path
 from typing import Any
 
 from lth.lottery.layout import KINDS, read_curve
+from lth.reporting.statistics import mean_ci
 
 SUMMARY_METRICS = (
     "test_accuracy_at_early_stop",
@@ -16,7 +23,15 @@ SUMMARY_METRICS = (
     "early_stop_iteration",
     "val_loss_at_early_stop",
 )
+ACCURACY = SUMMARY_METRICS[0]  # the paper's measure of a network: test accuracy at the early-stopping iteration
 LABELS = {"ticket": "winning ticket (IMP)", "reinit": "random reinitialization", "random_pruning": "random pruning"}
+DENSE_LABEL = "dense network"
+DENSE_NOTE = "the dense network (the ticket's round 0)"  # what every control is at round 0
+# The sparsities the paper's Figure 3 draws (LeNet's rounds 3, 7, 12, 15: 51.3, 21.1, 7.0, 3.6% remaining).
+KEY_PERCENTS = (51, 21, 7, 3.6)
+NEAR = 1.25  # a round stands for a key sparsity when its percent remaining is within this factor of it
+
+Aggregate = dict[str, dict[int, dict[str, Any]]]  # kind -> round -> entry (see `aggregate`)
 
 
 def collect(
@@ -41,70 +56,144 @@ def collect(
     return rows
 
 
-def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
-    """kind -> round -> {percent_remaining, trials, <metric>: {mean, min, max}}."""
-    out: dict[str, dict[int, dict[str, Any]]] = {}
+# ------------------------------------------------------------------------------------ over trials: the band
+
+BAND = "the 95% confidence interval of the mean over trials (Student's t; none for one trial)"
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    """Mean, its 95% confidence interval, min and max of one quantity over the trials."""
+    mean, low, high = mean_ci(values)
+    return {"mean": mean, "ci_low": low, "ci_high": high, "min": min(values), "max": max(values)}
+
+
+def band(s: dict[str, float]) -> tuple[float, float]:
+    """The band drawn around a mean (figures, plot data, the report): the one place that says what it spans
+    (BAND)."""
+    return s["ci_low"], s["ci_high"]
+
+
+def aggregate(rows: list[dict[str, Any]]) -> Aggregate:
+    """kind -> round -> {percent_remaining, trials, <metric>: stats over trials}."""
+    out: Aggregate = {}
     for kind in KINDS:
         by_round: dict[int, list[dict[str, Any]]] = {}
         for r in rows:
             if r["kind"] == kind:
                 by_round.setdefault(r["round"], []).append(r)
-        if not by_round:
-            continue
-        out[kind] = {}
-        for k, trials in sorted(by_round.items()):
-            entry: dict[str, Any] = {"percent_remaining": trials[0]["percent_remaining"], "trials": len(trials)}
-            for m in SUMMARY_METRICS:
-                vals = [float(t[m]) for t in trials]
-                entry[m] = {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)}
-            out[kind][k] = entry
+        if by_round:
+            out[kind] = {
+                k: {
+                    "percent_remaining": trials[0]["percent_remaining"],
+                    "trials": len(trials),
+                    **{m: stats([float(t[m]) for t in trials]) for m in SUMMARY_METRICS},
+                }
+                for k, trials in sorted(by_round.items())
+            }
     return out
 
 
-def metrics_document(agg: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
-    """DVC metrics: per kind and round, the means (min/max stay in the plot data and figures)."""
+def with_dense(agg: Aggregate, kind: str) -> dict[int, dict[str, Any]]:
+    """The rounds of `kind`, a control's starting at the dense network: at round 0 every control is the
+    ticket's round 0 (DENSE_NOTE), which tables and figures say."""
+    rounds = agg.get(kind, {})
+    if kind == "ticket" or 0 in rounds or 0 not in agg.get("ticket", {}):
+        return rounds
+    return {0: agg["ticket"][0], **rounds}
+
+
+# ------------------------------------------------------------------------------------ the summary (metrics)
+
+
+def best_round(agg: Aggregate) -> int | None:
+    """The pruned round (1 or later) whose ticket has the highest mean test accuracy at early stop."""
+    pruned = {k: e for k, e in agg.get("ticket", {}).items() if k > 0}
+    return max(pruned, key=lambda k: pruned[k][ACCURACY]["mean"]) if pruned else None
+
+
+def key_label(percent: float) -> str:
+    """'51%', '07%', '03.6%': two digits before the point, since DVC sorts metrics by name."""
+    return f"{'0' * (percent < 10)}{percent:g}%"
+
+
+def key_rounds(agg: Aggregate) -> dict[str, int]:
+    """'51%' -> the ticket round nearest 51% of weights remaining, for each of KEY_PERCENTS that some pruned
+    round is within a factor NEAR of (a short experiment reaches only the first ones)."""
+    rounds = {k: e["percent_remaining"] for k, e in agg.get("ticket", {}).items() if k > 0}
+    found = {}
+    for target in KEY_PERCENTS:
+        distance = {k: abs(math.log(p / target)) for k, p in rounds.items() if p > 0}
+        nearest = min(distance, key=distance.__getitem__, default=None)
+        if nearest is not None and distance[nearest] <= math.log(NEAR):
+            found[key_label(target)] = nearest
+    return found
+
+
+def metrics_document(agg: Aggregate) -> dict[str, Any]:
+    """results/metrics.json: test accuracy at early stop (mean over trials) of the dense network, of the best
+    ticket (with its round and percent remaining), and of each kind at the key sparsities. The per-round
+    numbers are plot data (`write_sparsity_csv`)."""
+    ticket = agg.get("ticket", {})
     doc: dict[str, Any] = {}
+    if 0 in ticket:
+        doc["dense"] = round(ticket[0][ACCURACY]["mean"], 4)
+    best = best_round(agg)
+    if best is not None:
+        doc["best"] = round(ticket[best][ACCURACY]["mean"], 4)
+        doc["best_round"] = best
+        doc["best_at%"] = float(f"{ticket[best]['percent_remaining']:.3g}")
+    keys = key_rounds(agg)
     for kind, rounds in agg.items():
-        doc[kind] = {
-            f"round_{k:02d}": {
-                "percent_remaining": round(e["percent_remaining"], 4),
-                **{m: round(e[m]["mean"], 6) for m in SUMMARY_METRICS},
-            }
-            for k, e in rounds.items()
-        }
-    if "ticket" in agg:
-        best_k = max(agg["ticket"], key=lambda k: agg["ticket"][k]["test_accuracy_at_early_stop"]["mean"])
-        best = agg["ticket"][best_k]
-        doc["best_ticket"] = {
-            "round": best_k,
-            "percent_remaining": round(best["percent_remaining"], 4),
-            "test_accuracy_at_early_stop": round(best["test_accuracy_at_early_stop"]["mean"], 6),
-        }
+        at = {label: round(rounds[k][ACCURACY]["mean"], 4) for label, k in keys.items() if k in rounds}
+        if at:
+            doc[kind] = at
     return doc
 
 
-def write_sparsity_csv(agg: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
-    """One row per round: percent remaining, then mean/min/max of each metric for each kind."""
-    rounds = sorted(agg.get("ticket", {}))
-    header = ["round", "percent_remaining"]
-    for kind in agg:
-        for m in SUMMARY_METRICS[:3]:
-            header += [f"{kind}_{m}", f"{kind}_{m}_min", f"{kind}_{m}_max"]
+# ------------------------------------------------------------------------------------------------ plot data
+
+
+def _stat_columns(name: str) -> list[str]:
+    return [name, f"{name}_low", f"{name}_high"]
+
+
+def _stat_cells(s: dict[str, float]) -> list[str]:
+    return [f"{v:.6g}" for v in (s["mean"], *band(s))]
+
+
+SPARSITY_COLUMNS = ["kind", "label", "round", "percent_remaining", "trials", "note"] + [
+    c for m in SUMMARY_METRICS for c in _stat_columns(m)
+]
+
+
+def write_sparsity_csv(agg: Aggregate, path: Path) -> None:
+    """The per-round table, one row per kind and round: percent remaining, then for each metric the mean and
+    the band (`band`: <metric>_low, <metric>_high). A control's round 0 is the dense network (its `note`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(header)
-        for k in rounds:
-            row: list[Any] = [k, f"{agg['ticket'][k]['percent_remaining']:.6g}"]
-            for kind in agg:
-                e = agg[kind].get(k) or (agg["ticket"][0] if k == 0 else None)  # controls equal the ticket at 0
-                for m in SUMMARY_METRICS[:3]:
-                    row += ["", "", ""] if e is None else [f"{e[m][s]:.6g}" for s in ("mean", "min", "max")]
-            w.writerow(row)
+        w.writerow(SPARSITY_COLUMNS)
+        for kind in agg:
+            for k, e in with_dense(agg, kind).items():
+                note = DENSE_NOTE if kind != "ticket" and k not in agg[kind] else ""
+                cells = [c for m in SUMMARY_METRICS for c in _stat_cells(e[m])]
+                w.writerow([kind, LABELS[kind], k, f"{e['percent_remaining']:.6g}", e["trials"], note, *cells])
 
 
-def mean_curve(trial_dirs: list[Path]) -> list[dict[str, float]]:
-    """Test accuracy against iteration, mean/min/max over the trials (iterations where every trial tested)."""
+def read_sparsity_csv(text: str) -> list[dict[str, Any]]:
+    """Rows of write_sparsity_csv's table, numbers as numbers (what `lth sweep` reads of each experiment)."""
+    rows = []
+    for r in csv.DictReader(text.splitlines()):
+        numbers = {k: float(v) for k, v in r.items() if k not in ("kind", "label", "note") and v != ""}
+        rows.append({**r, **numbers, "round": int(numbers["round"]), "trials": int(numbers["trials"])})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- learning curves
+
+
+def mean_curve(trial_dirs: list[Path]) -> list[dict[str, Any]]:
+    """Test accuracy against iteration, stats over the trials (iterations where every trial tested)."""
     per_trial = [
         {
             int(r["iteration"]): r["test_accuracy"]
@@ -114,25 +203,43 @@ def mean_curve(trial_dirs: list[Path]) -> list[dict[str, float]]:
         for d in trial_dirs
     ]
     common = sorted(set.intersection(*(set(t) for t in per_trial))) if per_trial else []
-    return [
-        {
-            "iteration": float(it),
-            "test_accuracy": statistics.fmean(t[it] for t in per_trial),
-            "test_accuracy_min": min(t[it] for t in per_trial),
-            "test_accuracy_max": max(t[it] for t in per_trial),
-        }
-        for it in common
-    ]
+    return [{"iteration": it, "test_accuracy": stats([t[it] for t in per_trial])} for it in common]
 
 
-def write_curves_csv(runs: Path, rounds: list[int], path: Path) -> dict[int, list[dict[str, float]]]:
-    """Test accuracy against iteration for the selected ticket rounds (mean over trials), wide format."""
-    curves = {k: mean_curve(sorted((Path(runs) / "ticket" / f"round_{k:02d}").glob("trial_*"))) for k in rounds}
-    iterations = sorted({int(r["iteration"]) for c in curves.values() for r in c})
-    lookup = {k: {int(r["iteration"]): r["test_accuracy"] for r in c} for k, c in curves.items()}
+def curve_rounds(agg: Aggregate) -> list[int]:
+    """The pruned rounds whose learning curves are drawn: the key sparsities' and the sparsest."""
+    pruned = [k for k in agg.get("ticket", {}) if k > 0]
+    return sorted(set(key_rounds(agg).values()) | ({max(pruned)} if pruned else set()))
+
+
+def learning_curves(runs: Path, agg: Aggregate) -> list[dict[str, Any]]:
+    """One curve per panel and kind: each panel is a drawn round (`curve_rounds`; the dense network alone
+    when nothing was pruned yet) with the dense network's curve, the ticket's and each control's."""
+
+    def curve(kind: str, k: int) -> list[dict[str, Any]]:
+        return mean_curve(sorted((Path(runs) / kind / f"round_{k:02d}").glob("trial_*")))
+
+    ticket = agg.get("ticket", {})
+    dense = curve("ticket", 0) if 0 in ticket else []
+    out = []
+    for k in curve_rounds(agg) or [0]:
+        panel = f"{ticket[k]['percent_remaining']:.3g}% remaining (round {k})" if k in ticket else DENSE_LABEL
+        if dense:
+            out.append({"panel": panel, "kind": "dense", "label": DENSE_LABEL, "round": 0, "points": dense})
+        for kind in agg if k > 0 else ():
+            if k in agg[kind]:
+                out.append({"panel": panel, "kind": kind, "label": LABELS[kind], "round": k, "points": curve(kind, k)})
+    return out
+
+
+def write_curves_csv(curves: list[dict[str, Any]], path: Path) -> None:
+    """The learning curves in long format: one row per panel, kind and iteration (mean and band)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["iteration", *[f"round_{k:02d}" for k in rounds]])
-        for it in iterations:
-            w.writerow([it, *[f"{lookup[k][it]:.6g}" if it in lookup[k] else "" for k in rounds]])
-    return curves
+        w.writerow(["panel", "kind", "label", "round", "iteration", *_stat_columns("test_accuracy")])
+        for c in curves:
+            for p in c["points"]:
+                w.writerow(
+                    [c["panel"], c["kind"], c["label"], c["round"], p["iteration"], *_stat_cells(p["test_accuracy"])]
+                )

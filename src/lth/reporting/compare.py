@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,14 +35,6 @@ class Experiment:
 def from_params(path: str, overrides: tuple[str, ...] = (), label: str | None = None) -> Experiment:
     hp = config.load(path, overrides)
     return Experiment(label or path, hp.hash, hparams.flatten(hp.to_dict()))
-
-
-def from_override_set(params_path: str, text: str) -> Experiment:
-    """One -S value: space-separated KEY=VALUE overrides of `params_path`."""
-    overrides = tuple(shlex.split(text))
-    if not overrides:
-        raise config.HparamsError([f"empty override set '{text}' (e.g. -S 'training.lr=3e-4 trials=2')"])
-    return from_params(params_path, overrides, label=" ".join(overrides))
 
 
 def parse_spec(spec: str) -> Experiment:
@@ -206,10 +197,6 @@ def legend(exps: list[Experiment]) -> str:
 
 def compare(exps: list[Experiment], runs: Path = Path("runs"), use_mlflow: bool = True, kind: str = "ticket") -> str:
     """The legend (experiments, sources, differing hyperparameters) and the side-by-side table."""
-    if len(exps) < 2:
-        raise config.HparamsError(
-            ["give two or more experiments: params files, hashes or -S override sets"], "lth compare"
-        )
     add_workspace_rows(exps, runs)
     if use_mlflow:
         from lth.tracking.store import Tracker
@@ -223,7 +210,3 @@ def compare(exps: list[Experiment], runs: Path = Path("runs"), use_mlflow: bool 
             "`dvc exp run -S ...`; `dvc exp apply` brings an experiment's outputs into the workspace)"
         )
     return text
-
-
-def experiments(specs: tuple[str, ...], override_sets: tuple[str, ...], params_path: str) -> list[Experiment]:
-    return [*(parse_spec(s) for s in specs), *(from_override_set(params_path, t) for t in override_sets)]

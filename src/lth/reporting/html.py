@@ -1,7 +1,8 @@
 """A one-page, self-contained HTML report of one experiment (results/report.html).
 
 The figures are embedded as base64 PNGs so that the single file can be mailed or attached to an MLflow
-run. The content is deterministic (no timestamps), so an unchanged experiment gives an identical file.
+run. Its head says when and from what it was written: the date, the git commit checked out, the experiment
+hash and a link to the experiment in the MLflow UI.
 """
 
 from __future__ import annotations
@@ -9,21 +10,35 @@ from __future__ import annotations
 import base64
 import html
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from lth.core import hparams as hparams_mod
 from lth.core.hparams import Hparams
-from lth.reporting.aggregate import LABELS
+from lth.lottery.trial import git_commit
+from lth.reporting.aggregate import BAND, DENSE_NOTE, LABELS, best_round, with_dense
+from lth.reporting.figures import describe
+from lth.reporting.statistics import ALPHA, MARGIN, TEST, Claim
 
 FIGURES = (
     (
         "accuracy.png",
-        "Test accuracy at early stop (and at the end of training) against the percent of "
-        "weights remaining; error bars span min to max over trials.",
+        f"Test accuracy at early stop (and the ticket's at the end of training) against the percent of "
+        f"weights remaining; lines are means, shaded bands span {BAND}.",
     ),
     ("early_stop.png", "Early-stopping iteration (minimum validation loss) against the percent of weights remaining."),
-    ("learning_curves.png", "Test accuracy during training for selected rounds of the winning ticket."),
+    (
+        "learning_curves.png",
+        "Test accuracy during training at the key sparsities and the sparsest round: the winning ticket against "
+        "its controls and the dense network.",
+    ),
+    (
+        "masks.png",
+        "Masks of the winning ticket: each layer's percent of weights remaining by round, and the Jaccard overlap "
+        "of the kept weights across trials, with the previous round and with a random mask of the same sparsity "
+        "(the random-pruning control's, or the expectation for random masks).",
+    ),
 )
 
 STYLE = """
@@ -39,8 +54,10 @@ tr:nth-child(even) td { background: #fafafa; }
 .range { color: #777; font-size: 0.85em; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; }
-.missing { color: #a33; } .canonical code { word-break: break-all; }
+.missing { color: #a33; } .canonical code { word-break: break-all; } .note { color: #555; font-size: 0.85em; }
+td.dense { color: #777; }
 """
+SHARED = "&dagger;"  # marks a control's round 0: the dense network
 
 
 def _cell(entry: dict[str, Any] | None, metric: str, fmt: str) -> str:
@@ -49,13 +66,14 @@ def _cell(entry: dict[str, Any] | None, metric: str, fmt: str) -> str:
     m = entry[metric]
     text = fmt.format(m["mean"])
     if entry["trials"] > 1:
-        text += f' <span class="range">[{fmt.format(m["min"])}&ndash;{fmt.format(m["max"])}]</span>'
+        text += f' <span class="range">[{fmt.format(m["ci_low"])}, {fmt.format(m["ci_high"])}]</span>'
     return f"<td>{text}</td>"
 
 
 def key_table(agg: dict[str, dict[int, dict[str, Any]]]) -> str:
     """Per round: percent remaining, then for the ticket and each control the test accuracy at early stop
-    (mean [min-max] over trials) and the early-stopping iteration."""
+    (mean [95% confidence interval] over trials) and the early-stopping iteration. A control's round 0 repeats the dense
+    network, marked and explained under the table."""
     kinds = list(agg)
     head1 = (
         '<tr><th rowspan="2">round</th><th rowspan="2">% weights remaining</th>'
@@ -67,11 +85,48 @@ def key_table(agg: dict[str, dict[int, dict[str, Any]]]) -> str:
     for k in sorted(agg.get("ticket", {})):
         cells = [f"<td>{k}</td>", f"<td>{agg['ticket'][k]['percent_remaining']:.2f}</td>"]
         for kind in kinds:
-            # Controls start at round 1: at round 0 they are the dense network, the ticket's round 0.
-            e = agg[kind].get(k) or (agg["ticket"].get(0) if k == 0 else None)
-            cells += [_cell(e, "test_accuracy_at_early_stop", "{:.4f}"), _cell(e, "early_stop_iteration", "{:.0f}")]
+            e = with_dense(agg, kind).get(k)
+            cell = [_cell(e, "test_accuracy_at_early_stop", "{:.4f}"), _cell(e, "early_stop_iteration", "{:.0f}")]
+            if k not in agg[kind] and e is not None:
+                cell = [c.replace("<td>", '<td class="dense">').replace("</td>", f" {SHARED}</td>") for c in cell]
+            cells += cell
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<table id="key-table">{head1}{head2}{"".join(rows)}</table>'
+    note = (
+        f'<p class="note">{SHARED} At round 0 every control is {html.escape(DENSE_NOTE)}.</p>' if len(kinds) > 1 else ""
+    )
+    ci = '<p class="note">In brackets: the 95% confidence interval of the mean over trials.</p>'
+    return f'<table id="key-table">{head1}{head2}{"".join(rows)}</table>{note}{ci}'
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "&ndash;" if value is None else fmt.format(value)
+
+
+def claims_table(claims: list[Claim]) -> str:
+    """One row per claim and sparsity: mean paired difference with its 95% CI, effect size, p-value, verdict."""
+    if not claims:
+        return "<p>No claims to test: the experiment has no pruned round yet.</p>"
+    head = (
+        "<tr><th>claim</th><th>round</th><th>% weights remaining</th><th>pairs</th>"
+        "<th>mean difference [95% CI]</th><th>effect size d<sub>z</sub></th><th>p</th><th>holds</th></tr>"
+    )
+    rows = []
+    for c in claims:
+        r = c.row()
+        fmt = "{:+.0f}" if "faster" in c.name else "{:+.4f}"
+        verdict = {True: "yes", False: "no", None: "n/a (one trial)"}[r["holds"]]
+        rows.append(
+            f'<tr><td class="key">{html.escape(c.name)}</td><td>{c.round}</td><td>{c.percent_remaining:.2f}</td>'
+            f"<td>{r['pairs']}</td><td>{_number(r['mean_difference'], fmt)} [{_number(r['ci_low'], fmt)}, "
+            f"{_number(r['ci_high'], fmt)}]</td><td>{_number(r['effect_size'], '{:.2f}')}</td>"
+            f"<td>{_number(r['p_value'], '{:.3g}')}</td><td>{verdict}</td></tr>"
+        )
+    how = (
+        f"Differences are the ticket's minus the other's (iterations: the other's minus the ticket's), paired by "
+        f'trial; test: {TEST}; a claim holds at p &lt; {ALPHA}. "At least as accurate" is non-inferiority with '
+        f"a margin of {100 * MARGIN:g} percentage points."
+    )
+    return f'<table id="claims">{head}{"".join(rows)}</table><p class="note">{how}</p>'
 
 
 def hparams_table(hp: Hparams) -> str:
@@ -92,30 +147,54 @@ def figure(path: Path, caption: str) -> str:
     )
 
 
-def render(hp: Hparams, agg: dict[str, dict[int, dict[str, Any]]], figures_dir: Path) -> str:
-    trials = max((e["trials"] for rounds in agg.values() for e in rounds.values()), default=0)
-    best = ""
-    if agg.get("ticket"):
-        t = agg["ticket"]
-        k = max(t, key=lambda r: t[r]["test_accuracy_at_early_stop"]["mean"])
-        best = (
-            f"<p>Best ticket: round {k}, {t[k]['percent_remaining']:.2f}% of weights remaining, test accuracy "
-            f"{t[k]['test_accuracy_at_early_stop']['mean']:.4f} at early stop "
-            f"(dense network: {t[min(t)]['test_accuracy_at_early_stop']['mean']:.4f}).</p>"
-        )
+def provenance(hp: Hparams, mlflow_url: str | None) -> str:
+    """When and from what the report was written: date, git commit, experiment hash, MLflow experiment."""
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    commit = git_commit()
+    if mlflow_url:
+        mlflow = f'<a id="mlflow" href="{html.escape(mlflow_url)}">the experiment in MLflow</a>'
+    else:
+        mlflow = '<span id="mlflow">no MLflow experiment of this hash was found (`lth sync-mlflow` logs it)</span>'
+
+    return (
+        f'<p class="meta">Written <span id="date">{date}</span> at git commit '
+        f'<code id="commit">{html.escape(commit[:12]) if commit else "none (not a git repository)"}</code>; '
+        f'experiment hash (MD5 of the canonical hyperparameters) <code id="hash">{hp.hash}</code>; {mlflow}.</p>'
+    )
+
+
+def best_ticket(agg: dict[str, dict[int, dict[str, Any]]]) -> str:
+    k, t = best_round(agg), agg.get("ticket", {})
+    if k is None or 0 not in t:
+        return ""
+    return (
+        f"<p>Best ticket: round {k}, {t[k]['percent_remaining']:.2f}% of weights remaining, test accuracy "
+        f"{t[k]['test_accuracy_at_early_stop']['mean']:.4f} at early stop "
+        f"(dense network: {t[0]['test_accuracy_at_early_stop']['mean']:.4f}).</p>"
+    )
+
+
+def render(
+    hp: Hparams,
+    agg: dict[str, dict[int, dict[str, Any]]],
+    figures_dir: Path,
+    mlflow_url: str | None = None,
+    claims: list[Claim] | None = None,
+) -> str:
     figs = "".join(figure(Path(figures_dir) / name, caption) for name, caption in FIGURES)
     title = html.escape(hp.short_name)
+    described = "<br>".join(html.escape(line) for line in describe(hp).splitlines())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>lth report: {title}</title><style>{STYLE}</style></head>
 <body>
 <h1>Lottery ticket experiment {title}</h1>
-<p class="meta">model <code>{html.escape(hp.model.name)}</code> on <code>{html.escape(hp.dataset.name)}</code>,
-{hp.pruning.rounds} pruning rounds ({html.escape(hp.pruning.strategy)}, {html.escape(hp.pruning.schedule)}),
-{trials} trial(s) per round. Experiment hash (MD5 of the canonical hyperparameters):
-<code id="hash">{hp.hash}</code>.</p>
-{best}
+<p>{described}<br>{hp.pruning.rounds} pruning rounds.</p>
+{provenance(hp, mlflow_url)}
+{best_ticket(agg)}
 <h2>Results</h2>
 {key_table(agg)}
+<h2>Claims</h2>
+{claims_table(claims or [])}
 <h2>Figures</h2>
 {figs}
 <h2>Hyperparameters</h2>
@@ -141,8 +220,17 @@ def is_report(path: Path) -> bool:
         return False
 
 
-def write(hp: Hparams, agg: dict[str, dict[int, dict[str, Any]]], figures_dir: Path, out: Path) -> Path:
-    page = render(hp, agg, figures_dir)
+def write(
+    hp: Hparams,
+    agg: dict[str, dict[int, dict[str, Any]]],
+    figures_dir: Path,
+    out: Path,
+    mlflow_url: str | None = None,
+    claims: list[Claim] | None = None,
+) -> Path:
+    """Write the report to `out`; `mlflow_url`: the experiment's page in the MLflow UI, when known
+    (`lth.tracking.store.experiment_url`); `claims`: the claims table (`lth.reporting.statistics.claims`)."""
+    page = render(hp, agg, figures_dir, mlflow_url, claims)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(page)
@@ -175,4 +263,8 @@ def from_workspace(hp: Hparams, runs: Path, results: Path, out: Path | None = No
             f"no trained rounds of experiment {hp.short_name} in {runs}: run `lth run` first "
             "(or `dvc exp apply NAME` to bring an experiment's outputs into the workspace)"
         )
-    return write(hp, report.aggregate(rows), results / "figures", out or results / "report.html")
+    from lth.reporting.statistics import claims
+    from lth.tracking.store import experiment_url
+
+    agg = report.aggregate(rows)
+    return write(hp, agg, results / "figures", out or results / "report.html", experiment_url(hp), claims(rows))

@@ -1,9 +1,10 @@
 """Aggregate a sweep run as DVC experiments (`dvc exp run --queue -S training.lr=...`, `dvc queue start`).
 
-`dvc exp show --json` gives each experiment's params.yaml and results/metrics.json (written by the
-evaluate stage and committed in the experiment). This module turns them into one table (CSV) and one
-figure: test accuracy at early stop against percent of weights remaining, one curve per value of the
-swept hyperparameter(s), log x axis reversed as in the paper.
+`dvc exp show --json` lists each experiment's commit, params.yaml and results/metrics.json (written by the
+evaluate stage and committed in the experiment); the per-round table is its results/plots/sparsity.csv,
+read at that commit. This module turns them into one table (CSV) and one figure: test accuracy at early stop
+against percent of weights remaining, one curve per value of the swept hyperparameter(s), log x axis
+reversed as in the paper.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from typing import Any
 from lth.core.config import RUNTIME_SECTIONS
 from lth.core.hparams import flatten
 from lth.lottery.layout import KINDS
+from lth.reporting.aggregate import read_sparsity_csv
 from lth.reporting.figures import percent_axis
 
 METRICS_FILE = "results/metrics.json"
+ROUNDS_FILE = "results/plots/sparsity.csv"  # the per-round table (aggregate.write_sparsity_csv)
 COLUMNS = ("percent_remaining", "test_accuracy_at_early_stop", "early_stop_iteration", "test_accuracy_final")
 
 
@@ -34,7 +37,7 @@ class Experiment:
     name: str  # DVC experiment name (or the branch/commit of a baseline)
     rev: str
     params: dict[str, Any]  # flat hyperparameters (runtime settings left out)
-    metrics: dict[str, Any]  # results/metrics.json
+    rounds: list[dict[str, Any]]  # rows of results/plots/sparsity.csv: one per kind and round
 
 
 def exp_show(repo: Path = Path("."), all_commits: bool = False) -> list[dict[str, Any]]:
@@ -49,14 +52,27 @@ def exp_show(repo: Path = Path("."), all_commits: bool = False) -> list[dict[str
     return json.loads(proc.stdout or "[]")
 
 
+def read_rounds(rev: str, repo: Path = Path(".")) -> list[dict[str, Any]]:
+    """The per-round table of the experiment at commit `rev`, or [] when it has none (its evaluate stage
+    has not run, or wrote the older per-round metrics)."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    try:
+        return read_sparsity_csv(dvc.api.read(ROUNDS_FILE, repo=str(repo), rev=rev))
+    except (DvcException, OSError, KeyError, ValueError):
+        return []
+
+
 def _experiment(entry: dict[str, Any], name: str) -> Experiment | None:
     data = entry.get("data") or {}
     doc = (data.get("metrics") or {}).get(METRICS_FILE, {}).get("data")
     params = (data.get("params") or {}).get("params.yaml", {}).get("data")
-    if not doc or not params:
+    rounds = read_rounds(entry["rev"]) if doc and params and entry.get("rev") else []
+    if not rounds:
         return None
     flat = {k: v for k, v in flatten(params).items() if k.split(".")[0] not in RUNTIME_SECTIONS}
-    return Experiment(name, entry.get("rev", ""), flat, doc)
+    return Experiment(name, entry["rev"], flat, rounds)
 
 
 def experiments(show: list[dict[str, Any]]) -> tuple[list[Experiment], list[str]]:
@@ -88,13 +104,13 @@ def swept_keys(exps: list[Experiment]) -> list[str]:
 def rows(exps: list[Experiment], keys: list[str], kind: str = "ticket") -> list[dict[str, Any]]:
     out = []
     for e in exps:
-        for round_name, m in sorted((e.metrics.get(kind) or {}).items()):
+        for m in sorted((r for r in e.rounds if r["kind"] == kind), key=lambda r: r["round"]):
             out.append(
                 {
                     "experiment": e.name,
                     "rev": e.rev[:7],
                     **{k: e.params.get(k) for k in keys},
-                    "round": int(round_name.removeprefix("round_")),
+                    "round": m["round"],
                     **{c: m.get(c) for c in COLUMNS},
                 }
             )
@@ -139,7 +155,7 @@ def plot(exps: list[Experiment], keys: list[str], path: Path, kind: str = "ticke
         ],
     )
     for e in ordered:
-        rounds = sorted((e.metrics.get(kind) or {}).values(), key=lambda m: -m["percent_remaining"])
+        rounds = sorted((r for r in e.rounds if r["kind"] == kind), key=lambda m: -m["percent_remaining"])
         ax.plot(
             [m["percent_remaining"] for m in rounds],
             [m["test_accuracy_at_early_stop"] for m in rounds],
@@ -147,7 +163,7 @@ def plot(exps: list[Experiment], keys: list[str], path: Path, kind: str = "ticke
             markersize=3,
             label=label(e, keys),
         )
-    percent_axis(ax, [m["percent_remaining"] for e in exps for m in (e.metrics.get(kind) or {}).values()])
+    percent_axis(ax, [m["percent_remaining"] for e in exps for m in e.rounds if m["kind"] == kind])
     ax.set_ylabel("test accuracy at early stop")
     ax.set_title(f"Sweep over {', '.join(keys)}" if keys else "Experiments")
     ax.grid(True, which="both", alpha=0.3)
@@ -167,7 +183,7 @@ def sweep(
     exps, skipped = experiments(show)
     if not exps:
         raise SweepError(
-            "no experiment with results/metrics.json: run some first, e.g. "
+            f"no experiment with {METRICS_FILE} and {ROUNDS_FILE}: run some first, e.g. "
             "`dvc exp run --queue -S training.lr=3e-4` then `dvc queue start` "
             f"(skipped: {', '.join(skipped) or 'none'})"
         )

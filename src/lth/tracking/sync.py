@@ -2,8 +2,10 @@
 
 Rounds write their DVC outputs first and only warn when MLflow fails, so the outputs on disk are the
 record. Syncing finds every completed trained network of the current hyperparameters under runs/
-(metrics.json + final.pt + mask.pt) whose round hash MLflow lacks, and logs it as the stage would have.
-Running it again logs nothing: it is idempotent.
+(metrics.json + final.pt + mask.pt) whose round hash MLflow lacks, and logs it as the stage would have,
+nested under its trajectory's parent; then the evaluate stage's results/ (when they are this
+experiment's) as the parents' artifacts. Running it again logs nothing: it is idempotent. It is also how
+a collaborator's store catches up after `dvc pull`: the same runs, from the same outputs.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Any
 
 from lth.core.hparams import Hparams
 from lth.lottery.layout import OUTPUT_FILES
-from lth.tracking.store import TAG_ROUND_HASH, Tracker, experiment_name, warn
-from lth.tracking.writer import MaskMismatch, log_trial
+from lth.pipeline.workspace import RESULTS_DIR
+from lth.tracking.store import Tracker, warn
+from lth.tracking.writer import MaskMismatch, log_results, log_trial
 
 
 @dataclass
@@ -46,17 +49,6 @@ def completed(runs: Path, hp: Hparams) -> tuple[list[Trained], int]:
     return found, other
 
 
-def _unfinished_runs(tracker: Tracker, hp: Hparams) -> dict[str, list[str]]:
-    """round hash -> ids of runs that were never finished (the server went away while logging)."""
-    exp = tracker.client.get_experiment_by_name(experiment_name(hp))
-    if exp is None:
-        return {}
-    out: dict[str, list[str]] = {}
-    for r in tracker.client.search_runs([exp.experiment_id], "attributes.status != 'FINISHED'", max_results=50000):
-        out.setdefault(r.data.tags.get(TAG_ROUND_HASH, ""), []).append(r.info.run_id)
-    return out
-
-
 def sync(hp: Hparams, runs: Path, tracker: Tracker | None = None, echo: Callable[[str], None] = print) -> list[str]:
     """Log every completed trained network of `hp` that MLflow lacks; returns the labels logged."""
     tracker = tracker or Tracker()
@@ -67,7 +59,7 @@ def sync(hp: Hparams, runs: Path, tracker: Tracker | None = None, echo: Callable
             "(sync them with their params: -S key=value or --params)"
         )
     logged = tracker.logged_round_hashes(hp)
-    unfinished = _unfinished_runs(tracker, hp)
+    unfinished = tracker.unfinished_runs(hp)
     done, skipped = [], []
     for t in trained:
         m = t.metrics
@@ -89,9 +81,22 @@ def sync(hp: Hparams, runs: Path, tracker: Tracker | None = None, echo: Callable
         f"lth: {len(trained)} trained network(s) of {hp.short_name} on disk, {already} were already in MLflow, "
         f"{len(done)} logged to {tracker.uri}" + (f", {len(skipped)} skipped (see above)" if skipped else "")
     )
+    sync_results(tracker, hp, Path(runs).parent / RESULTS_DIR, bool(done), echo)
     if skipped:
         raise SyncIncomplete(f"{len(skipped)} trained network(s) not logged: {', '.join(skipped)}")
     return done
+
+
+def sync_results(tracker: Tracker, hp: Hparams, results: Path, logged: bool, echo: Callable[[str], None]) -> None:
+    """Log results/ to the trajectories' parents when runs were just logged or a parent lacks them, and only
+    when they are this experiment's (its report names the hash)."""
+    report = results / "report.html"
+    if not report.exists() or hp.hash not in report.read_text(errors="replace"):
+        return
+    parents = tracker.find_trajectories(hp.hash)
+    if logged or any(not tracker.client.list_artifacts(p.info.run_id, "results") for p in parents):
+        count = log_results(tracker, hp, results)
+        echo(f"lth: logged {results}/ (report, figures, metrics) to {count} trajectory run(s)")
 
 
 class SyncIncomplete(RuntimeError):

@@ -1,22 +1,34 @@
 """The one MLflow writer: a finished trial is logged from its DVC outputs, and only from them.
 
 The train stage calls `log_trial` after writing a trial's outputs, and `lth sync-mlflow` calls it for
-what MLflow lacks, so a run logged live and the same run replayed later are identical.
+what MLflow lacks, so a run logged live and the same run replayed later are identical: its times, commit
+and environment come from run.json, its numbers from metrics.json and curve.csv, its files from the
+outputs. Each trial is a child of its trajectory's parent run (`lth.tracking.trajectory`). The evaluate
+stage adds its report to the parents with `log_summary`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
 from lth.core import pruning
+from lth.core.data import identity, prepared_path
 from lth.core.hparams import Hparams, flatten
 from lth.core.registry import build_model
 from lth.lottery.layout import load_mask, read_curve, read_metrics, read_run_info
-from lth.tracking.store import TAG_HASH, TAG_ROUND_HASH, Tracker, retry, warn
+from lth.lottery.trial import now_ms
+from lth.pipeline.render import stage_name
+from lth.pipeline.workspace import DATA_DIR
+from lth.tracking.store import TAG_HASH, TAG_PARENT, TAG_ROUND_HASH, Tracker, param_text, retry, warn
+from lth.tracking.trajectory import finish_round, parent_run
+
+SOURCE = "stages/train_round.py"  # what trains (and logs) a trial
+NOT_METRICS = ("round", "trial")  # tags: as metrics they would clutter every chart
 
 
 class MaskMismatch(ValueError):
@@ -24,10 +36,9 @@ class MaskMismatch(ValueError):
 
 
 def log_trial(tracker: Tracker, hp: Hparams, directory: Path) -> str:
-    """Log the trained network in `directory` as one MLflow run: params, hash tags, summary metrics, wall
-    time by phase, the learning curve, the packed mask and the final weights. Returns the run id."""
-    from mlflow.entities import Metric, Param
-
+    """Log the trained network in `directory` as one MLflow run, nested under its trajectory's parent: params,
+    tags, the dataset, summary metrics, wall time by phase, the learning curve, the packed mask and the
+    final weights, over the wall-clock span of its training. Returns the run id."""
     m = read_metrics(directory)
     mask = load_mask(build_model(hp), directory / "mask.pt")
     if pruning.mask_hash(mask) != m.get("mask_md5"):
@@ -35,46 +46,88 @@ def log_trial(tracker: Tracker, hp: Hparams, directory: Path) -> str:
             f"{directory / 'mask.pt'} does not match the mask_md5 in {directory / 'metrics.json'}; "
             "run `dvc repro` (it restores or re-runs the stage), then `lth sync-mlflow`."
         )
+    info = read_run_info(directory)
+    start, end = info.get("start_ms"), info.get("end_ms")  # None in trials recorded before lth recorded them
+    client = tracker.client
+    with tracker.lock():  # the parent and its children are found and made one process at a time
+        experiment, parent = parent_run(tracker, hp, m["kind"], m["trial"], start, directory.parents[2])
+        tags = {**run_tags(hp, m, info), TAG_PARENT: parent}
+        run_id = retry(lambda: client.create_run(experiment, start, tags, tags["mlflow.runName"])).info.run_id
+    summary = {
+        **{k: v for k, v in m.items() if k not in NOT_METRICS},
+        **{f"seconds_{k}": v for k, v in info.get("seconds", {}).items()},
+    }
+    end = end or now_ms()
+    log_data(tracker, run_id, hp, summary, directory, end)
+    with tempfile.TemporaryDirectory() as tmp:
+        packed = Path(tmp) / "mask.npz"
+        packed.write_bytes(pruning.pack(mask))
+        client.log_artifact(run_id, str(packed))
+    client.log_artifact(run_id, str(directory / "final.pt"))
+    finish_round(tracker, hp, experiment, run_id, m, end)
+    return run_id
+
+
+def run_tags(hp: Hparams, m: dict[str, Any], info: dict[str, Any]) -> dict[str, str]:
+    """A trained network's tags: its identity, where it comes from (stage, script, commit) and how it ran."""
     kind, round_index, trial = m["kind"], m["round"], m["trial"]
-    name = f"{kind}-round{round_index:02d}-trial{trial}"
-    run_info = read_run_info(directory)
     tags = {
         TAG_HASH: hp.hash,
         TAG_ROUND_HASH: hp.round_hash(round_index, trial, kind),
         "lth.round": str(round_index),
         "lth.kind": kind,
         "lth.trial": str(trial),
-        "mlflow.runName": name,
-        **{f"lth.env.{k}": str(v) for k, v in run_info.get("environment", {}).items()},
+        "lth.model": hp.model.name,
+        "lth.mask_md5": m["mask_md5"],
+        "lth.dvc.stage": stage_name(kind, round_index),
+        "mlflow.runName": f"{kind}-round{round_index:02d}-trial{trial}",
+        "mlflow.source.name": SOURCE,
+        "mlflow.source.type": "LOCAL",
+        **{f"lth.env.{k}": str(v) for k, v in info.get("environment", {}).items()},
     }
+    if info.get("git_commit"):
+        tags["mlflow.source.git.commit"] = info["git_commit"]
+    return tags
+
+
+def log_data(tracker: Tracker, run_id: str, hp: Hparams, summary: dict[str, Any], directory: Path, at: int) -> None:
+    """Params (the hyperparameters), the dataset it trained on, summary metrics and the learning curve (step =
+    iteration), timestamped with the end of training."""
+    from mlflow.entities import Metric, Param
+
     client = tracker.client
-    run_id = retry(lambda: client.create_run(tracker.experiment_id(hp), tags=tags, run_name=name)).info.run_id
-    now = int(time.time() * 1000)
-    params = [Param(k, json.dumps(v) if isinstance(v, list) else str(v)) for k, v in flatten(hp.to_dict()).items()]
-    seconds = run_info.get("seconds", {})
-    summary = {**m, **{f"seconds_{k}": v for k, v in seconds.items()}}
+    params = [Param(k, param_text(v)) for k, v in flatten(hp.to_dict()).items()]
     items = [
-        Metric(k, float(v), now, 0)
+        Metric(k, float(v), at, 0)
         for k, v in summary.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))
     ]
     for row in read_curve(directory / "curve.csv"):
         items += [
-            Metric(f"curve_{k}", v, now, int(row["iteration"]))
+            Metric(f"curve_{k}", v, at, int(row["iteration"]))
             for k, v in row.items()
             if k != "iteration" and not math.isnan(v)
         ]
-    for i in range(0, len(params), 100):  # MLflow's batch limits: 100 params, 1000 metrics
-        retry(lambda i=i: client.log_batch(run_id, params=params[i : i + 100]))
-    for i in range(0, len(items), 1000):
-        retry(lambda i=i: client.log_batch(run_id, metrics=items[i : i + 1000]))
-    with tempfile.TemporaryDirectory() as tmp:
-        packed = Path(tmp) / "mask.npz"
-        packed.write_bytes(pruning.pack(mask))
-        client.log_artifact(run_id, str(packed))
-    client.log_artifact(run_id, str(directory / "final.pt"))
-    retry(lambda: client.set_terminated(run_id, "FINISHED"))
-    return run_id
+    while params or items:  # MLflow's batch limits: 100 params, 1000 values in all (each call is a commit)
+        batch_params, params = params[:100], params[100:]
+        cut = 1000 - len(batch_params)
+        batch_metrics, items = items[:cut], items[cut:]
+        retry(lambda p=batch_params, m=batch_metrics: client.log_batch(run_id, metrics=m, params=p))
+    retry(lambda: client.log_inputs(run_id, datasets=[dataset_input(hp)]))
+
+
+def dataset_input(hp: Hparams) -> Any:
+    """The prepared data as an MLflow dataset: its path in the project and a digest of its identity (what the
+    split depends on; the raw files are checked against their checksums when read)."""
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    path = prepared_path(Path(DATA_DIR), hp.dataset).as_posix()
+    source = get_dataset_source_from_json(json.dumps({"uri": path}), "local")
+    digest = hashlib.md5(identity(hp.dataset).encode()).hexdigest()
+    dataset = MetaDataset(source, name=hp.dataset.name, digest=digest)
+    return DatasetInput(Dataset(**dataset.to_dict()), tags=[InputTag("mlflow.data.context", "training")])
 
 
 def log_finished(hp: Hparams, directories: list[Path], uri: str | None = None) -> None:
@@ -96,3 +149,31 @@ def log_finished(hp: Hparams, directories: list[Path], uri: str | None = None) -
                 f"MLflow logging of {directory} failed ({type(e).__name__}: {e}); the results are safe there. "
                 "Replay with `lth sync-mlflow`."
             )
+
+
+# Of results/, as the evaluate stage writes them: figures, report, summary metrics, claims and mask analysis.
+SUMMARY_FILES = ("figures/*.png", "report.html", "metrics.json", "plots/claims.csv", "plots/mask_*.csv")
+
+
+def log_results(tracker: Tracker, hp: Hparams, results: Path) -> int:
+    """Log the evaluate stage's figures, report and metrics under `results/` of every trajectory parent of
+    `hp` (logging again replaces them). Returns how many parents got them."""
+    files = sorted(f for pattern in SUMMARY_FILES for f in Path(results).glob(pattern))
+    parents = tracker.find_trajectories(hp.hash)
+    for run_id in (run.info.run_id for run in parents):
+        for f in files:
+            folder = (Path("results") / f.parent.relative_to(results)).as_posix()
+            retry(lambda run_id=run_id, f=f, folder=folder: tracker.client.log_artifact(run_id, str(f), folder))
+    return len(parents)
+
+
+def log_summary(hp: Hparams, results_dir: Path, uri: str | None = None) -> None:
+    """What the evaluate stage logs after writing its results. MLflow failing never fails the stage, and
+    `lth sync-mlflow` logs the summary with the runs it replays."""
+    try:
+        logged = log_results(Tracker(uri), hp, Path(results_dir))
+    except Exception as e:  # MLflow's errors (server down, store locked) have many types
+        warn(f"MLflow logging of {results_dir} failed ({type(e).__name__}: {e}); replay with `lth sync-mlflow`.")
+        return
+    if not logged:
+        warn(f"MLflow has no runs of {hp.short_name}, so {results_dir} was not logged: `lth sync-mlflow` logs both.")

@@ -2,7 +2,9 @@
 
 Blocks of two 3x3 convolutions (padding 1, ReLU) each followed by 2x2 max-pooling, then fully
 connected layers 256, 256, 10. No BatchNorm. Dropout (the paper's dropout variants) is applied after
-each hidden fully connected layer.
+each hidden fully connected layer. The input shape is the dataset's (3x32x32 for CIFAR, 1x28x28 for
+MNIST and Fashion-MNIST): it sets the first convolution's channels and the first fully connected layer's
+inputs (28 pixels pool to 14, 7, 3, as max-pooling floors).
 """
 
 from __future__ import annotations
@@ -20,24 +22,23 @@ class ConvNet(PrunableModel):
         fc: tuple[int, ...] = (256, 256),
         num_classes: int = 10,
         dropout: float = 0.0,
-        in_channels: int = 3,
-        image_size: int = 32,
+        input_shape: tuple[int, ...] = (3, 32, 32),
     ):
         super().__init__()
         convs: list[nn.Module] = []
-        c = in_channels
-        for width in blocks:
+        c, height, width = input_shape
+        for channels in blocks:
             convs += [
-                nn.Conv2d(c, width, 3, padding=1),
+                nn.Conv2d(c, channels, 3, padding=1),
                 nn.ReLU(),
-                nn.Conv2d(width, width, 3, padding=1),
+                nn.Conv2d(channels, channels, 3, padding=1),
                 nn.ReLU(),
                 nn.MaxPool2d(2),
             ]
-            c = width
+            c = channels
         self.features = nn.Sequential(*convs)
-        side = image_size // 2 ** len(blocks)
-        sizes = [c * side * side, *fc]
+        pooled = 2 ** len(blocks)
+        sizes = [c * (height // pooled) * (width // pooled), *fc]
         self.fc = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
         self.output = nn.Linear(sizes[-1], num_classes)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -49,13 +50,19 @@ class ConvNet(PrunableModel):
         return self.output(x)
 
 
-def conv2(num_classes: int = 10, dropout: float = 0.0, **_: object) -> ConvNet:
-    return ConvNet([64], num_classes=num_classes, dropout=dropout)
+def conv2(
+    num_classes: int = 10, dropout: float = 0.0, input_shape: tuple[int, ...] = (3, 32, 32), **_: object
+) -> ConvNet:
+    return ConvNet([64], num_classes=num_classes, dropout=dropout, input_shape=input_shape)
 
 
-def conv4(num_classes: int = 10, dropout: float = 0.0, **_: object) -> ConvNet:
-    return ConvNet([64, 128], num_classes=num_classes, dropout=dropout)
+def conv4(
+    num_classes: int = 10, dropout: float = 0.0, input_shape: tuple[int, ...] = (3, 32, 32), **_: object
+) -> ConvNet:
+    return ConvNet([64, 128], num_classes=num_classes, dropout=dropout, input_shape=input_shape)
 
 
-def conv6(num_classes: int = 10, dropout: float = 0.0, **_: object) -> ConvNet:
-    return ConvNet([64, 128, 256], num_classes=num_classes, dropout=dropout)
+def conv6(
+    num_classes: int = 10, dropout: float = 0.0, input_shape: tuple[int, ...] = (3, 32, 32), **_: object
+) -> ConvNet:
+    return ConvNet([64, 128, 256], num_classes=num_classes, dropout=dropout, input_shape=input_shape)

@@ -1,6 +1,8 @@
-"""Fully connected networks: LeNet-300-100 (MNIST) and the 2-N-1 XOR network."""
+"""Fully connected networks: LeNet-300-100 (MNIST, Fashion-MNIST) and the 2-N-1 XOR network."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -21,10 +23,13 @@ class MLP(PrunableModel):
         return self.layers[-1](x)
 
 
-def lenet_300_100(num_classes: int = 10, input_size: int = 784, dropout: float = 0.0, **_: object) -> MLP:
-    return MLP([input_size, 300, 100, num_classes], dropout)
+def lenet_300_100(
+    num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28), dropout: float = 0.0, **_: object
+) -> MLP:
+    """784-300-100-10 on 28x28 images: the input layer takes the dataset's example, flattened."""
+    return MLP([math.prod(input_shape), 300, 100, num_classes], dropout)
 
 
-def xor_net(hidden: int = 4, **_: object) -> MLP:
+def xor_net(hidden: int = 4, input_shape: tuple[int, ...] = (2,), **_: object) -> MLP:
     """2-N-1 network with a single logit (binary cross-entropy)."""
-    return MLP([2, hidden, 1])
+    return MLP([math.prod(input_shape), hidden, 1])

@@ -34,12 +34,14 @@ class Block(nn.Module):
 
 
 class ResNet(PrunableModel):
-    def __init__(self, depth: int = 20, widths: tuple[int, ...] = (16, 32, 64), num_classes: int = 10):
+    def __init__(
+        self, depth: int = 20, widths: tuple[int, ...] = (16, 32, 64), num_classes: int = 10, in_channels: int = 3
+    ):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, ...), got {depth}")
         n = (depth - 2) // 6
-        self.conv = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+        self.conv = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(widths[0])
         blocks, c = [], widths[0]
         for s, w in enumerate(widths):
@@ -54,5 +56,5 @@ class ResNet(PrunableModel):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def resnet20(num_classes: int = 10, **_: object) -> ResNet:
-    return ResNet(20, num_classes=num_classes)
+def resnet20(num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32), **_: object) -> ResNet:
+    return ResNet(20, num_classes=num_classes, in_channels=input_shape[0])

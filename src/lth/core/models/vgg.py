@@ -1,7 +1,8 @@
 """VGG-16 and VGG-19 for CIFAR-10 (Frankle & Carbin 2019, Figure 2; the CIFAR variant of open_lth).
 
 3x3 convolutions (padding 1) each followed by BatchNorm and ReLU, 2x2 max-pooling between groups
-(four times, 32 -> 2 pixels), 2x2 average pooling, and one linear output layer of 512 -> 10.
+(four times, 32 -> 2 pixels), 2x2 average pooling, and one linear output layer of 512 -> 10. It needs
+32x32 inputs (CIFAR-10, CIFAR-100, SVHN): 28 pixels would pool to 1 before the average pooling.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ CONFIGS = {
 
 
 class VGG(PrunableModel):
-    def __init__(self, depth: int = 19, num_classes: int = 10):
+    def __init__(self, depth: int = 19, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         layers: list[nn.Module] = []
-        c = 3
+        c = in_channels
         for v in CONFIGS[depth]:
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
@@ -37,9 +38,9 @@ class VGG(PrunableModel):
         return self.fc(self.features(x).flatten(1))
 
 
-def vgg16(num_classes: int = 10, **_: object) -> VGG:
-    return VGG(16, num_classes)
+def vgg16(num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32), **_: object) -> VGG:
+    return VGG(16, num_classes, in_channels=input_shape[0])
 
 
-def vgg19(num_classes: int = 10, **_: object) -> VGG:
-    return VGG(19, num_classes)
+def vgg19(num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32), **_: object) -> VGG:
+    return VGG(19, num_classes, in_channels=input_shape[0])
