@@ -24,6 +24,7 @@ import lth
 from lth.cli import main
 from lth.core import config
 from lth.pipeline import render
+from lth.reporting.statistics import mean_ci
 from tests.helpers import Cells, Project
 
 
@@ -58,8 +59,9 @@ def test_evaluate_writes_html_report_with_key_table(trained: Project) -> None:
     ticket, reinit = metrics(trained, "ticket", 1), metrics(trained, "reinit", 1)
     accs = [m["test_accuracy_at_early_stop"] for m in ticket]
     assert row1[1] == f"{ticket[0]['percent_remaining']:.2f}"
-    # mean [min-max] over the two trials, for the ticket then the control
-    assert row1[2].split() == [f"{sum(accs) / 2:.4f}", f"[{min(accs):.4f}–{max(accs):.4f}]"]
+    # mean [95% confidence interval] over the two trials, for the ticket then the control
+    mean, low, high = mean_ci(accs)
+    assert row1[2].split() == [f"{mean:.4f}", f"[{low:.4f},", f"{high:.4f}]"]
     assert row1[4].startswith(f"{sum(m['test_accuracy_at_early_stop'] for m in reinit) / 2:.4f}")
     assert ticket[0]["hash"] in page and "data:image/png;base64," in page
     # `lth report` writes the same page from the workspace (but for the minute it was written)

@@ -79,10 +79,10 @@ def test_plots_show_draws_each_plot_once(proj: Project) -> None:
     """Each interactive plot and each PNG figure once, no default plot of the plot data, and lines coloured by
     kind with a band around each."""
     plots = json.loads(proj.dvc("plots", "show", "--json").stdout)["data"]
-    figures = [f"results/figures/{name}.png" for name in ("accuracy", "early_stop", "learning_curves")]
+    figures = [f"results/figures/{name}.png" for name in ("accuracy", "early_stop", "learning_curves", "masks")]
     assert sorted(plots) == sorted([*render.SPARSITY_PLOTS, "learning_curves", *figures])
     assert all(len(renderers) == 1 for renderers in plots.values()), {k: len(v) for k, v in plots.items()}
-    assert [plots[f][0]["type"] for f in figures] == ["image"] * 3
+    assert [plots[f][0]["type"] for f in figures] == ["image"] * len(figures)
     for plot_id, labels in [(m, {"winning ticket (IMP)"}) for m in render.SPARSITY_PLOTS] + [
         ("learning_curves", {"winning ticket (IMP)", "dense network"})
     ]:
