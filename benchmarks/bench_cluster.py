@@ -7,10 +7,11 @@ The 4 tiny XOR experiments of tests/test_cluster.py (2 learning rates x 2 seeds,
   cluster  lth.pipeline.cluster.run_sweep: one Ray task per experiment, each cloning the project's git remote,
            running its stages with `dvc repro --pull`, pushing each to a directory DVC remote, saving and
            pushing the DVC experiment
-Both log to one MLflow server (sqlite, proxied artifacts). Then where an experiment's time goes: the
-cluster's phases (clone, pull, train, push, from the results), and inside `train` the training itself
-(run.json), a stage process's start-up, a DVC command's fixed cost and an MLflow trial's writes, each
-timed on its own (medians of 3). Ray's node start-up is reported apart (a real cluster is up before a sweep).
+Both log to one MLflow server (sqlite, proxied artifacts). Then a fifth experiment alone on the cluster (no
+other task beside it), and where its time goes: its phases (clone, pull, train, push) and one training stage
+taken apart: DVC around it, and in its process the start-up, the MLflow writes and the training (run.json),
+the process and each part timed on their own in the local workspace (medians of 3). Ray's node start-up is
+reported apart (a real cluster is up before a sweep).
 Last, how a task's DVC commands grow with the shared run-cache: `dvc repro --pull` copies every entry of the
 remote's run-cache, and `dvc push --run-cache` every entry of the local one, so one restored stage and its
 push are timed in a fresh clone against the sweep's remote, then with --entries synthetic entries added.
@@ -37,6 +38,7 @@ from tests.helpers import Project  # noqa: E402
 from tests.test_cluster import GRID, local_mlflow_server, local_ray_cluster, shared_project  # noqa: E402
 
 ALONE = {"training.lr": "0.003", "training.seed": "0"}  # a fifth experiment, run with the cluster to itself
+STAGE = "ticket_round_01"  # the stage taken apart
 STAGE_IMPORTS = "from lth.pipeline import numerics; numerics.pin(); import stages.train_round"
 
 
@@ -56,26 +58,17 @@ def median_of(fn, repeats: int = 3) -> float:
     return statistics.median(timed(fn) for _ in range(repeats))
 
 
-def training_seconds(root: Path) -> float:
-    """The training and evaluation time the trials recorded (run.json), summed."""
+def run_locally(p: Project, experiments: list[dict[str, str]]) -> float:
+    """Wall seconds of the experiments run one after another with `lth run -S`."""
     return sum(
-        sum(json.loads(f.read_text()).get("seconds", {}).values())
-        for f in (root / "runs").glob("*/round_*/trial_*/run.json")
+        timed(lambda e=e: p.lth("run", *(a for k, v in e.items() for a in ("-S", f"{k}={v}")))) for e in experiments
     )
 
 
-def run_locally(p: Project, experiments: list[dict[str, str]]) -> tuple[float, float]:
-    """(wall seconds, training seconds) of the experiments run one after another with `lth run -S`."""
-    wall = train = 0.0
-    for e in experiments:
-        wall += timed(lambda e=e: p.lth("run", *(a for k, v in e.items() for a in ("-S", f"{k}={v}"))))
-        train += training_seconds(p.root)
-    return wall, train
-
-
 def fixed_costs(p: Project, uri: str) -> dict[str, float]:
-    """A stage process's start-up (python, torch, the stage's imports), a DVC command's fixed cost (`dvc status`
-    of the project) and the MLflow writes of one trained network (the one writer, over HTTP)."""
+    """In the local workspace (its last experiment's outputs): the stage process of STAGE run directly, without
+    DVC; a stage process's start-up (python, torch, the stage's imports); a DVC command's fixed cost (`dvc
+    status`); the MLflow writes of one trained network (the one writer, over HTTP); its training (run.json)."""
     from lth.core import config
     from lth.tracking.store import Tracker
     from lth.tracking.writer import log_trial
@@ -83,11 +76,14 @@ def fixed_costs(p: Project, uri: str) -> dict[str, float]:
     hp = config.load(p.root / "params.yaml")
     tracker = Tracker(uri)
     trial = p.root / "runs" / "ticket" / "round_01" / "trial_0"
-    return {
+    costs = {
+        "stage process": median_of(lambda: p.python("stages/train_round.py", "--kind", "ticket", "--round", "1")),
         "stage start-up": median_of(lambda: p.python("-c", STAGE_IMPORTS)),
         "dvc command": median_of(lambda: p.dvc("status")),
         "mlflow trial": median_of(lambda: quietly(lambda: log_trial(tracker, hp, trial))),
     }
+    costs["training"] = sum(json.loads((trial / "run.json").read_text())["seconds"].values())
+    return costs
 
 
 def run_cache_growth(origin: Path, remote: Path, entries: int, tmp: Path) -> tuple[float, float]:
@@ -114,38 +110,37 @@ def run_cache_growth(origin: Path, remote: Path, entries: int, tmp: Path) -> tup
     return before, one("growth-after")
 
 
-def report_sweep(results: list[cluster.ExperimentResult], local: tuple[float, float], wall: float) -> None:
+def report_sweep(results: list[cluster.ExperimentResult], local: float, wall: float) -> None:
     n = len(results)
-    print(f"local, one after another: {local[0]:.1f} s ({local[0] / n:.1f} s per experiment)")
-    print(f"cluster, {n} at once: {wall:.1f} s wall; speed-up {local[0] / wall:.2f}x")
+    print(f"local, one after another: {local:.1f} s ({local / n:.1f} s per experiment)")
+    print(f"cluster, {n} at once: {wall:.1f} s wall; speed-up {local / wall:.2f}x")
     mean = {k: statistics.mean(r.seconds[k] for r in results) for k in cluster.PHASES}
     print("  per experiment (mean): " + ", ".join(f"{k} {v:.1f} s" for k, v in mean.items()))
 
 
-def report_alone(r: cluster.ExperimentResult, train: float, costs: dict[str, float]) -> None:
-    """Where a lone experiment's time goes on the cluster: its phases, and a stage that ran taken apart with the
-    fixed costs measured on their own."""
+def report_alone(r: cluster.ExperimentResult, costs: dict[str, float]) -> None:
+    """Where a lone experiment's time goes on the cluster: its phases, and its last training stage taken apart
+    with the costs measured on their own."""
     ran = sum(s == "ran" for s in r.stages.values())
     print(
         f"one experiment alone on the cluster: {sum(r.seconds.values()):.1f} s: "
         + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items())
-        + f"; {ran} of {len(r.stages)} stages ran"
+        + f"; {ran} of {len(r.stages)} stages ran: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in r.stage_seconds.items())
     )
-    per_stage = r.seconds["train"] / ran
+    stage = r.stage_seconds[STAGE]
     parts = {
-        "process start-up (python, torch, lth)": costs["stage start-up"],
-        "dvc repro's fixed cost": costs["dvc command"],
-        "training and evaluation (run.json)": train / ran,
-        "MLflow writes": costs["mlflow trial"] * len(r.rounds) / ran,
+        "DVC around the stage (start-up, run-cache pull, hashing, caching)": stage - costs["stage process"],
+        "the stage process: start-up (python, torch, the stage's imports)": costs["stage start-up"],
+        "  MLflow writes of its trained network": costs["mlflow trial"],
+        "  training and evaluation (run.json)": costs["training"],
     }
-    parts["the rest (DVC's hashing, caching, run-cache; the evaluate stage's figures)"] = per_stage - sum(
-        parts.values()
-    )
-    print(f"  a stage that ran: {per_stage:.1f} s, of which")
+    parts["  the rest of the process (MLflow import, data, outputs)"] = stage - sum(parts.values())
+    print(f"  its stage {STAGE}: {stage:.1f} s, of which")
     for k, v in parts.items():
-        print(f"    {v:5.1f} s  {100 * v / per_stage:3.0f}%  {k}")
+        print(f"    {v:5.1f} s  {100 * v / stage:3.0f}%  {k}")
     print(f"  a push after each stage that ran, then exp save and push: {r.seconds['push']:.1f} s in all")
-    print("fixed costs alone (medians of 3): " + ", ".join(f"{k} {v:.2f} s" for k, v in costs.items()))
+    print("costs alone (medians of 3): " + ", ".join(f"{k} {v:.2f} s" for k, v in costs.items()))
 
 
 def main() -> None:
@@ -173,7 +168,7 @@ def main() -> None:
         if failed:
             raise SystemExit(f"the sweep failed: {failed}")
         report_sweep(results, local, wall)
-        report_alone(alone, local[1] / len(experiments), fixed_costs(p, uri))  # training: a local experiment's
+        report_alone(alone, fixed_costs(p, uri))
         remote = Path(tmp) / "dvc-remote"
         entries = sum(f.is_file() for f in (remote / "runs").rglob("*"))
         before, after = run_cache_growth(origin, remote, args.entries, Path(tmp))

@@ -36,16 +36,19 @@ GIT_IDENTITY = {
     "GIT_COMMITTER_NAME": "lth sweep",
     "GIT_COMMITTER_EMAIL": "lth-sweep@localhost",
 }
-# Each command of a task runs under this guard (`python -c GUARD CMD...`), in a process group of its own: when
-# the Ray worker that started it dies (its node failed, or Ray killed it), the guard ends the whole group, so
-# no orphaned stage goes on training, logging to MLflow or pushing beside the retried task.
-GUARD = """
+# Each command of a task runs under two watchers (`python -c WATCH launch python -c WATCH guard CMD...`): when
+# the Ray worker that started it dies (its node failed, or Ray ended it), the whole command goes with it, so no
+# orphaned stage goes on training, logging to MLflow or pushing beside the retried task. The launcher is the
+# worker's child, which Ray may SIGKILL as the worker exits (it spares grandchildren); it starts the guard in
+# a process group of its own and exits when the worker is gone. The guard runs the command in its group and
+# ends the whole group when its launcher is gone.
+WATCH = """
 import os, signal, subprocess, sys, time
-parent = os.getppid()
-child = subprocess.Popen(sys.argv[1:])
+role, cmd, parent = sys.argv[1], sys.argv[2:], os.getppid()
+child = subprocess.Popen(cmd, start_new_session=role == "launch")
 while child.poll() is None:
     if os.getppid() != parent:
-        os.killpg(0, signal.SIGKILL)
+        os.killpg(0, signal.SIGKILL) if role == "guard" else os._exit(1)
     time.sleep(0.2)
 sys.exit(child.returncode)
 """
@@ -67,12 +70,15 @@ class Resources:
 
 @dataclass
 class ExperimentResult:
+    """What a sweep returns for each experiment (a failed one: its overrides, name and error only)."""
+
     overrides: dict[str, str]  # key -> value, as given (-S key=value)
     name: str = ""  # the DVC experiment (`dvc exp pull <remote> <name>`, `dvc exp show`)
     hash: str = ""  # lth.core.hparams: the experiment's identity (MLflow's `lth.hash` tag)
     rounds: dict[str, dict[str, Any]] = field(default_factory=dict)  # "ticket/round_00/trial_0" -> metrics.json
     seconds: dict[str, float] = field(default_factory=dict)  # by phase (PHASES), of the attempt that finished
     stages: dict[str, str] = field(default_factory=dict)  # stage -> "ran" | "restored" (run-cache, dvc.lock)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # stage -> seconds of its `dvc repro --pull`
     host: str = ""  # where the finished attempt ran
     error: str | None = None  # one line when the experiment failed
 
@@ -231,7 +237,7 @@ def _result(ref: Any, overrides: dict[str, str], resources: Resources) -> Experi
 
 
 class Workspace:
-    """A task's clone of the project: its commands, run under the guard, timed by phase."""
+    """A task's clone of the project: its commands, watched (WATCH), timed by phase."""
 
     def __init__(self, root: Path, env: dict[str, str]):
         self.root, self.env = root, env
@@ -242,14 +248,8 @@ class Workspace:
         ClusterError with the command and its telling line."""
         start = time.perf_counter()
         cwd = self.root if self.root.exists() else self.root.parent
-        proc = subprocess.run(
-            [sys.executable, "-c", GUARD, *cmd],
-            cwd=cwd,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            start_new_session=True,  # the guard's process group: what it ends when the worker dies
-        )
+        watched = [sys.executable, "-c", WATCH, "launch", sys.executable, "-c", WATCH, "guard", *cmd]
+        proc = subprocess.run(watched, cwd=cwd, env=self.env, capture_output=True, text=True)
         self.seconds[phase] += time.perf_counter() - start
         if proc.returncode != 0:
             lines = [line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
@@ -283,7 +283,7 @@ def run_experiment(
     with tempfile.TemporaryDirectory(prefix="lth-sweep-", dir=workdir) as tmp:
         ws = Workspace(Path(tmp) / "repo", task_env(Path(tmp) / "repo", env))
         result.hash = prepare_clone(ws, repo_url, commit, overrides, dvc_remote)
-        result.stages = run_stages(ws)
+        result.stages, result.stage_seconds = run_stages(ws)
         ws.run("push", *DVC, "exp", "save", "--force", "--name", result.name, *untracked(ws))
         ws.run("push", *DVC, "exp", "push", "--force", "origin", result.name)  # a sweep run again replaces it
         result.rounds = read_rounds(ws.root)
@@ -309,26 +309,27 @@ def prepare_clone(ws: Workspace, repo_url: str, commit: str, overrides: dict[str
     except (config.HparamsError, ValueError, OSError) as e:
         raise ClusterError(f"-S {' -S '.join(items)}: {' '.join(str(e).split())}") from None
     ws.seconds["clone"] += time.perf_counter() - start
-    ws.run("clone", "python", "-m", "lth.cli", "pipeline")
+    ws.run("clone", sys.executable, "-m", "lth.cli", "pipeline")
     return experiment_hash
 
 
-def run_stages(ws: Workspace) -> dict[str, str]:
+def run_stages(ws: Workspace) -> tuple[dict[str, str], dict[str, float]]:
     """Each stage of dvc.yaml in dependency order: restored from the DVC remote (its run-cache, or the
-    outputs dvc.lock records) when it can be, else run and pushed with its run-cache entry at once."""
+    outputs dvc.lock records) when it can be, else run and pushed with its run-cache entry at once.
+    Returns how each stage was done ("ran" or "restored") and the seconds of its `dvc repro`."""
     from lth.pipeline.schedule import stage_graph
 
-    done = {}
+    done, seconds = {}, {}
     for stage in graphlib.TopologicalSorter(stage_graph(ws.root / "dvc.yaml")).static_order():
         start = time.perf_counter()
         out = ws.run("pull", *DVC, "repro", "--pull", "--single-item", stage)
+        seconds[stage] = round(time.perf_counter() - start, 3)
         done[stage] = "ran" if f"Running stage '{stage}'" in out else "restored"
         if done[stage] == "ran":  # its time was training, not transfer
-            elapsed = time.perf_counter() - start
-            ws.seconds["pull"] -= elapsed
-            ws.seconds["train"] += elapsed
+            ws.seconds["pull"] -= seconds[stage]
+            ws.seconds["train"] += seconds[stage]
             ws.run("push", *DVC, "push", "--run-cache", stage)
-    return done
+    return done, seconds
 
 
 def untracked(ws: Workspace) -> list[str]:
