@@ -32,11 +32,8 @@ def digests(root: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.mnist
-def test_collaborator_pulls_results_and_nothing_reruns(
-    tmp_path: Path, make_project: Callable[..., Project], lenet_params
-) -> None:
-    alice = make_project(lenet_params(TINY), "alice")
-    alice.lth("run")
+def clone_through_remote(alice: Project, tmp_path: Path) -> Project:
+    """Alice commits her results and pushes them to a directory remote; Bob clones her repo and pulls them."""
     alice.dvc("remote", "add", "-d", "shared", str(tmp_path / "remote"))
     alice.run("git", "add", "-A")
     alice.run("git", "commit", "-qm", "results")
@@ -44,6 +41,15 @@ def test_collaborator_pulls_results_and_nothing_reruns(
     bob = Project(tmp_path / "bob")
     subprocess.run(["git", "clone", "-q", str(alice.root), str(bob.root)], check=True, env=bob.env)
     bob.dvc("pull")
+    return bob
+
+
+def test_collaborator_pulls_results_and_nothing_reruns(
+    tmp_path: Path, make_project: Callable[..., Project], lenet_params
+) -> None:
+    alice = make_project(lenet_params(TINY), "alice")
+    alice.lth("run")
+    bob = clone_through_remote(alice, tmp_path)
     out = bob.dvc("repro")
     text = out.stdout + out.stderr
     assert "Running stage" not in text and "lth: ticket round" not in text, text
@@ -142,13 +148,7 @@ def test_a_collaborator_syncs_the_same_mlflow_runs_after_dvc_pull(
     outputs: the same experiment, trajectories, rounds (names, nesting, spans), metrics and artifacts as the
     store of the clone that computed them."""
     alice = trained_project(xor_params({"controls.random_reinit": True}))
-    alice.dvc("remote", "add", "-d", "shared", str(tmp_path / "remote"))
-    alice.run("git", "add", "-A")
-    alice.run("git", "commit", "-qm", "results")
-    alice.dvc("push")
-    bob = Project(tmp_path / "bob")
-    subprocess.run(["git", "clone", "-q", str(alice.root), str(bob.root)], check=True, env=bob.env)
-    bob.dvc("pull")
+    bob = clone_through_remote(alice, tmp_path)
     assert not (bob.root / "mlflow.db").exists()
     out = bob.lth("sync-mlflow").stdout
     assert "3 logged" in out and "to 2 trajectory run(s)" in out, out
