@@ -1,5 +1,6 @@
 """DVC stage: train every trial of one round (the ticket of IMP round k, or one of its controls), write
-their outputs, then log them to MLflow."""
+their outputs, then log them to MLflow. With runtime.processes_per_node x runtime.nodes > 1 it re-launches
+itself under torchrun, and its processes train each network together (docs/distributed.md)."""
 
 from lth.pipeline import numerics
 
@@ -8,6 +9,7 @@ numerics.pin()  # before torch is imported: ATen, MKL and oneDNN choose their ke
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from lth.core import distributed  # noqa: E402
 from lth.lottery.layout import KINDS  # noqa: E402
 from lth.lottery.round import Round, run_round  # noqa: E402
 from lth.pipeline import render, stage  # noqa: E402
@@ -22,10 +24,14 @@ def main() -> None:
     args = parser.parse_args()
     ctx = stage.load()
     render.check_stage(ctx.hp, args.kind, args.round)
-    job = Round(ctx.hp, args.kind, args.round, Path(RUNS_DIR), Path(DATA_DIR))
-    metrics = run_round(job, ctx.settings)
-    ctx.check_unchanged()
-    log_finished(ctx.hp, [job.trial(m["trial"]).out for m in metrics])
+    if stage.relaunch_distributed(ctx, f"lth-{ctx.hp.hash[:8]}-{args.kind}-round-{args.round}"):
+        return  # the ranks that torchrun started trained the round, and rank 0 logged it
+    with distributed.process_group(ctx.settings) as settings:
+        job = Round(ctx.hp, args.kind, args.round, Path(RUNS_DIR), Path(DATA_DIR))
+        metrics = run_round(job, settings)
+        ctx.check_unchanged()
+        if distributed.is_writer():
+            log_finished(ctx.hp, [job.trial(m["trial"]).out for m in metrics])
 
 
 if __name__ == "__main__":

@@ -134,6 +134,30 @@ def commit_results(project: Project, tmp: Path) -> None:
     project.run("git", "commit", "-qm", "results")
 
 
+def commit_results_without_claims(project: Project, tmp: Path) -> None:
+    """Results committed as an evaluate stage from before the claims table left them."""
+    (project.root / "results" / "plots" / "claims.csv").unlink()
+    commit_results(project, tmp)
+
+
+def pushed(then: Setup | None = None) -> Setup:
+    """The trained workspace committed and pushed to `origin` (a bare repo), as a Ray sweep needs it; then `then`."""
+
+    def setup(project: Project, tmp: Path) -> None:
+        commit_results(project, tmp)
+        project.run("git", "clone", "--quiet", "--bare", str(project.root), str(tmp / "origin.git"))
+        project.run("git", "remote", "add", "origin", str(tmp / "origin.git"))
+        project.run("git", "fetch", "--quiet", "origin")
+        if then:
+            then(project, tmp)
+
+    return setup
+
+
+def new_commit(project: Project, tmp: Path) -> None:
+    project.run("git", "commit", "--allow-empty", "-qm", "not pushed")
+
+
 def nothing(project: Project, tmp: Path) -> None:
     pass
 
@@ -152,6 +176,7 @@ LTH_PIPELINE = ("lth", "pipeline")  # validates params.yaml, then renders dvc.ya
 ROUND_01 = ("dvc", "repro", "--single-item", "-f", "ticket_round_01")
 PREPARE = ("dvc", "repro", "--single-item", "-f", "prepare")
 MLFLOW_DOWN = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{CLOSED_PORT}"}
+SWEEP_RAY = ("lth", "sweep", "run", "-S", "training.lr=1e-3,2e-3", "--executor", "ray", "--address")
 
 CASES = [
     # params.yaml (validated by lth.core.config: `lth run`, `lth pipeline` and every stage load it)
@@ -162,10 +187,16 @@ CASES = [
     Case("validation-59999", params({"dataset.validation_size": 59999}), LTH_PIPELINE, "dataset.validation_size"),
     Case("batch-1e9", params({"training.batch_size": 1_000_000_000}), LTH_PIPELINE, "training.batch_size"),
     Case("device-tpu", params({"runtime.device": "tpu"}), LTH_PIPELINE, "runtime.device"),
+    Case("processes-0", params({"runtime.processes_per_node": 0}), LTH_PIPELINE, "runtime.processes_per_node"),
+    Case("processes-env-0", nothing, ROUND_01, "LTH_PROCESSES_PER_NODE='0'", {"LTH_PROCESSES_PER_NODE": "0"}),
+    Case("batch-by-7-processes", params({"runtime.processes_per_node": 7}), ROUND_01, ("batch_size=60", "7 processes")),
+    Case("nodes-2-no-rendezvous", params({"runtime.nodes": 2}), LTH_PIPELINE, "runtime.rdzv_endpoint"),
     Case("not-utf8", params_bytes(lambda b: b"\xff\xfe" + b), LTH_PIPELINE, "UTF-8"),
     Case("duplicate-key", params_bytes(lambda b: b + b"trials: 2\n"), LTH_PIPELINE, "duplicate key"),
     Case("eval-every", params({"training.eval_every": 500}), LTH_PIPELINE, "training.eval_every"),
     Case("empty", params_bytes(lambda b: b""), LTH_PIPELINE, "empty"),
+    Case("instability-round-2", params({"instability.rounds": [2]}), LTH_PIPELINE, "instability.rounds: [2] not among"),
+    Case("instability-points-2", params({"instability.points": 2}), LTH_PIPELINE, "instability.points: must be 3"),
     Case("params-device-file", nothing, ("lth", "locate", "--no-mlflow", "-p", "/dev/zero"), "/dev/zero"),
     # raw data (lth.core.datasets), through the prepare stage
     Case(
@@ -228,12 +259,20 @@ CASES = [
     Case("report-dev-full", nothing, ("lth", "report", "-o", "/dev/full"), "/dev/full"),
     Case("report-over-params", nothing, ("lth", "report", "-o", "params.yaml"), "params.yaml exists"),
     Case("report-unwritable", nothing, ("lth", "report", "-o", "/proc/x/report.html"), "/proc/x/report.html"),
-    Case("sweep-unwritable", commit_results, ("lth", "sweep", "--out", "/proc/x"), "cannot write /proc/x.csv"),
+    Case(
+        "sweep-unwritable", commit_results, ("lth", "sweep", "report", "--out", "/proc/x"), "cannot write /proc/x.csv"
+    ),
     Case(  # the evaluate stage's plot data is no sweep table
         "sweep-over-plot-data",
         commit_results,
-        ("lth", "sweep", "--out", "results/plots/sparsity"),
-        "results/plots/sparsity.csv exists and is not a table written by `lth sweep`",
+        ("lth", "sweep", "report", "--out", "results/plots/sparsity"),
+        "results/plots/sparsity.csv exists and is not a table written by `lth sweep report`",
+    ),
+    Case(
+        "sweep-claims-missing",
+        commit_results_without_claims,
+        ("lth", "sweep", "report", "--claims"),
+        "no experiment has results/plots/claims.csv",
     ),
     Case("locate-corrupt-metrics", corrupt_metrics, ("lth", "locate", "--no-mlflow"), "metrics.json: unreadable"),
     Case("verify-round-99", nothing, ("lth", "verify", "--round", "99"), "--round 99: not a round"),
@@ -254,6 +293,15 @@ CASES = [
     Case("compare-not-an-experiment", nothing, ("lth", "compare", "nonexistent", "params.yaml"), "'nonexistent' is no"),
     Case("compare-one-experiment", nothing, ("lth", "compare", "training.lr=3e-4"), "two or more experiments"),
     Case("compare-bad-override-set", nothing, ("lth", "compare", "training.lr=3e-4,trials=x", "params.yaml"), "trials"),
+    # lth sweep run: a grid, run in DVC's queue or on a Ray cluster
+    Case("sweep-run-unknown-key", nothing, ("lth", "sweep", "run", "-S", "training.lrr=1e-3,2e-3"), "training.lrr"),
+    Case("sweep-run-rounds", nothing, ("lth", "sweep", "run", "-S", "pruning.rounds=2"), "changes the pipeline"),
+    Case("sweep-run-ray-option", nothing, ("lth", "sweep", "run", "--address", "h:1"), "for --executor ray only"),
+    Case("sweep-run-no-address", nothing, ("lth", "sweep", "run", "--executor", "ray"), "needs --address HOST:PORT"),
+    Case("sweep-run-no-origin", nothing, (*SWEEP_RAY, "127.0.0.1:1"), "no git remote 'origin'"),
+    Case("sweep-run-dirty", pushed(params({"training.lr": 0.002})), (*SWEEP_RAY, "127.0.0.1:1"), "uncommitted"),
+    Case("sweep-run-unpushed", pushed(new_commit), (*SWEEP_RAY, "127.0.0.1:1"), "git push origin HEAD"),
+    Case("sweep-run-no-cluster", pushed(), (*SWEEP_RAY, f"127.0.0.1:{CLOSED_PORT}"), "no Ray cluster answers at"),
 ]
 
 
@@ -294,8 +342,9 @@ def test_bad_input_gives_one_line(
 ) -> None:
     case.setup(xor_project, tmp_path)
     env = {k: v.replace(CLOSED_PORT, str(free_port)) for k, v in case.env.items()}
+    command = tuple(c.replace(CLOSED_PORT, str(free_port)) for c in case.command)
     start = time.perf_counter()
-    status, output = run(xor_project, case.command, env, monkeypatch)
+    status, output = run(xor_project, command, env, monkeypatch)
     seconds = time.perf_counter() - start
     print(output)
     assert seconds < 60, f"{seconds:.0f} s: a bad input must be reported within seconds"

@@ -134,9 +134,9 @@ def test_ui_serves_the_project_store(project: Project, free_port: int) -> None:
     assert (project.root / "mlflow.db").exists()  # the store at the project root, not ./mlruns
 
 
-@pytest.mark.parametrize("command", ["run", "locate", "compare", "export", "ui", "report", "verify", "sweep"])
+@pytest.mark.parametrize("command", ["run", "locate", "compare", "export", "ui", "report", "verify", "sweep report"])
 def test_help(command: str) -> None:
-    out = CliRunner().invoke(main, [command, "--help"])
+    out = CliRunner().invoke(main, [*command.split(), "--help"])
     assert out.exit_code == 0 and "Usage:" in out.output and len(out.output.splitlines()) > 6
 
 

@@ -253,7 +253,9 @@ def changed_values() -> dict[str, object]:
         elif isinstance(value, float):
             out[key] = value + 0.05
         elif isinstance(value, list):
-            out[key] = {"training.lr_milestones": [100], "pruning.exclude": ["layers.0"]}[key]
+            out[key] = {"training.lr_milestones": [100], "pruning.exclude": ["layers.0"], "instability.rounds": [1]}[
+                key
+            ]
     out.update(
         {
             "dataset.name": "xor",
@@ -276,11 +278,11 @@ def replace(hp: Hparams, key: str, value: object) -> Hparams:
 
 def test_every_hyperparameter_changes_the_hash_except_rounds_and_controls() -> None:
     """pruning.rounds extends a trajectory; controls.* switch on branches of it, told apart by their kind in
-    round_hash: neither re-keys the experiment."""
+    round_hash; instability.* analyses trained rounds: none re-keys the experiment."""
     base = Hparams()
     for key, value in changed_values().items():
         other = replace(base, key, value)
-        if key == "pruning.rounds" or key.startswith("controls."):
+        if key == "pruning.rounds" or key.startswith(("controls.", "instability.")):
             assert other.hash == base.hash, key
             assert other.round_hash(1, 0) == base.round_hash(1, 0), key
         else:

@@ -106,3 +106,26 @@ def test_worker_and_thread_settings(tmp_path: Path) -> None:
         resolve(LTH_THREADS="many")
     with pytest.raises(runtime.SettingsError, match="runtime.workers=-1 must be a whole number"):
         resolve({"workers": -1})
+
+
+@pytest.mark.mnist
+def test_a_round_interrupted_after_a_trial_restores_that_trial_instead_of_retraining_it(
+    tmp_path: Path, mnist_dir: Path, hp: config.Hparams, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """DVC deletes a stage's outputs before running it again: the finished trial comes back from its copy."""
+    from lth.core.data import load_prepared, prepared_path
+    from lth.lottery.trial import run_trial
+
+    job, s = Round(hp, "ticket", 0, tmp_path / "runs", mnist_dir), settings(tmp_path, 1)
+    data = load_prepared(prepared_path(mnist_dir, hp.dataset), hp.dataset)
+    first = run_trial(job.trial(0), data, s)  # trial 0 finished, then the stage was killed during trial 1
+    weights = (job.trial(0).out / "final.pt").read_bytes()
+    (tmp_path / "runs").rename(tmp_path / "deleted_by_dvc")
+    capfd.readouterr()
+    metrics = run_round(job, s)
+    err = capfd.readouterr().err
+    assert "ticket round 0 trial 0 was finished by an interrupted run: its outputs are restored" in err
+    assert "trial 1 was finished" not in err
+    assert metrics[0] == first and [m["trial"] for m in metrics] == [0, 1]
+    assert (job.trial(0).out / "final.pt").read_bytes() == weights
+    assert not list(s.checkpoint_dir.glob("*.done")), "a finished round deletes the copies"

@@ -19,7 +19,7 @@ from tests.helpers import Project, output_digests
 pytestmark = pytest.mark.mnist
 
 
-ALL_STAGES = ["prepare", "ticket_round_00", "ticket_round_01", "ticket_round_02", "evaluate"]
+ALL_STAGES = ["prepare", "ticket_round_00", "ticket_round_01", "ticket_round_02", "masks", "evaluate"]
 
 
 def trained_stages(output: str) -> list[str]:
@@ -41,15 +41,9 @@ def proj(trained_project: Callable[..., Project], lenet_params) -> Project:
 
 
 def test_repro_runs_every_stage_in_order(proj: Project) -> None:
-    assert trained_stages(proj.output) == [
-        "prepare",
-        "ticket_round_00",
-        "ticket_round_01",
-        "ticket_round_02",
-        "evaluate",
-    ]
+    assert trained_stages(proj.output) == ALL_STAGES
     dag = proj.dvc("dag", "--md").stdout
-    for stage in ("prepare", "ticket_round_00", "ticket_round_02", "evaluate"):
+    for stage in ("prepare", "ticket_round_00", "ticket_round_02", "masks", "evaluate"):
         assert stage in dag
     rounds = read_sparsity_csv((proj.root / "results" / "plots" / "sparsity.csv").read_text())
     assert [(r["kind"], r["round"]) for r in rounds] == [("ticket", k) for k in range(3)]
@@ -152,7 +146,7 @@ def test_adding_rounds_keeps_earlier_ones(proj: Project) -> None:
     assert stale.returncode != 0 and "lth pipeline" in stale.stdout + stale.stderr
     proj.lth("pipeline")
     out = proj.dvc("repro").stdout
-    assert trained_stages(out) == ["ticket_round_03", "evaluate"]
+    assert trained_stages(out) == ["ticket_round_03", "masks", "evaluate"]
 
 
 def test_changing_lr_retrains_and_going_back_restores_from_run_cache(proj: Project) -> None:

@@ -22,6 +22,7 @@ from lth.core.hparams import flatten
 from lth.core.registry import MODELS
 from lth.pipeline import presets
 from lth.pipeline import render as pipeline
+from lth.reporting import robustness
 from tests.helpers import ROOT, Project
 
 PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
@@ -66,7 +67,7 @@ def test_preset_is_complete_valid_and_renders(path: Path) -> None:
     text = pipeline.render(hp)
     stages = yaml.safe_load(text)["stages"]
     n = hp.pruning.rounds
-    assert len(stages) == 2 + (n + 1) + n * len(pipeline.control_kinds(hp))
+    assert len(stages) == 3 + (n + 1) + n * len(pipeline.control_kinds(hp)) + len(hp.instability.rounds)
     assert presets.description(path)
     assert presets.estimate_cpu_seconds(hp) > 0
 
@@ -149,6 +150,23 @@ def test_controls_preset_and_estimates() -> None:
     per_network = (presets.estimate_cpu_seconds(base) - 23 * stage) / 21
     assert per_network > 0
     assert presets.estimate_cpu_seconds(reinit) == pytest.approx(61 * per_network + 63 * stage)
+
+
+# The robustness grid's base: the lenet experiment with 3 trials (trials are hashed; controls and rounds are not).
+ROBUSTNESS_HASH = "56659f024e47699382f3ab51541b5bff"
+
+
+def test_robustness_preset_is_lenet_with_three_trials_and_both_controls() -> None:
+    lenet, grid = ROOT / "presets" / "lenet.yaml", ROOT / "presets" / "lenet_robustness.yaml"
+    changed = {k for k, v in flatten(doc(grid)).items() if flatten(doc(lenet))[k] != v}
+    assert changed == {"trials", "controls.random_reinit", "controls.random_pruning", "pruning.rounds"}
+    hp = config.load(grid)
+    assert hp.hash == ROBUSTNESS_HASH == config.load(lenet, ("trials=3",)).hash
+    assert hp.trials >= robustness.MIN_TRIALS and pipeline.control_kinds(hp) == ["reinit", "random_pruning"]
+    # 16 ticket networks, plus 15 of each control, 3 trials each; a stage per round and kind, plus two.
+    base = config.load(lenet)
+    per_network = (presets.estimate_cpu_seconds(base) - 23 * presets.STAGE_SECONDS) / 21
+    assert presets.estimate_cpu_seconds(hp) == pytest.approx(3 * 46 * per_network + 48 * presets.STAGE_SECONDS)
 
 
 def git(cwd: Path, *args: str) -> str:

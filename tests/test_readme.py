@@ -19,6 +19,7 @@ table; the skips are counted and printed.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -135,6 +136,14 @@ def readable_results(cwd: Path, out: str) -> None:
         assert page.count(f"results_figures_{figure}.png") == 1, figure
 
 
+def robustness_verdicts(cwd: Path, out: str) -> None:
+    """Both grid points are in the claims table, each claim of the (sparsest) round with a verdict: 3 trials."""
+    with open(cwd / "results" / "robustness_claims.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({r["training.lr"] for r in rows}) == ["0.0006", "0.0024"], rows
+    assert len(rows) == 2 * 4 and {r["verdict"] for r in rows} <= {"holds", "does not hold"}, rows
+
+
 # `dvc queue start` returns at once; the README says to wait until `dvc queue status` says Success.
 UNTIL_DONE = "while dvc queue status | grep -qE 'Queued|Running'; do sleep 2; done; dvc queue status"
 # The shared trained project: tiny XOR, one round, with the random-reinit control (`lth verify --kind reinit`).
@@ -224,6 +233,23 @@ HOW: dict[str, How] = {
         expect=("Success", "wrote results/lr_sweep.csv"),
         reject=("Failed",),
         creates=("results/lr_sweep.csv", "results/lr_sweep.png"),
+        slow=True,
+    ),
+    # The robustness study: its preset shrunk as lenet_quick is (1 round of 100 iterations, still 3 trials and
+    # both controls), a grid of 2 learning rates instead of 12 points.
+    "lth preset lenet_robustness": How(
+        "robustness",
+        presets={"lenet_robustness": {**QUICK, "runtime.workers": 1}},  # the trials in the stage's process
+        subs={
+            "-S training.lr=6e-4,1.2e-3,2.4e-3 -S pruning.fc_rate=0.2,0.4 -S pruning.rewind_iteration=0,1000": (
+                "-S training.lr=6e-4,2.4e-3"
+            )
+        },
+        expect=("claims held", "wrote results/robustness_claims.csv and results/robustness_claims.png"),
+        reject=("Failed",),
+        creates=("results/robustness.csv", "results/robustness_claims.csv", "results/robustness_claims.png"),
+        check=robustness_verdicts,
+        mnist=True,
         slow=True,
     ),
     # Sharing, the side that computed: a local directory as the DVC remote, a bare repo as git's remote.

@@ -215,7 +215,7 @@ def test_html_report_tables_figures_and_hash(results: tuple[dict, Path]) -> None
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     drawn = [tmp / "figures" / n for n, _ in html_report.FIGURES if n != "masks.png"]  # the stage draws masks.png
     assert [base64.b64decode(i) for i in images] == [f.read_bytes() for f in drawn]
-    assert "masks.png is missing: run the evaluate stage" in page
+    assert "masks.png is missing: run the masks stage" in page
 
 
 def test_html_report_names_missing_figures(results: tuple[dict, Path], tmp_path: Path) -> None:

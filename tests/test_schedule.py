@@ -26,7 +26,7 @@ from tests.helpers import ROOT, Project, output_digests
 
 @pytest.fixture
 def xor_with_control(xor_params) -> dict[str, Any]:
-    """XOR, 3 rounds (0, 1, 2) and the random-reinitialization control: 7 stages, up to 2 independent."""
+    """XOR, 3 rounds (0, 1, 2) and the random-reinitialization control: 8 stages, up to 2 independent."""
     return xor_params({"training.test_every": 50, "pruning.rounds": 2, "controls.random_reinit": True})
 
 
@@ -38,7 +38,8 @@ def test_stage_graph_follows_the_rendered_pipeline(tmp_path: Path) -> None:
     assert graph["ticket_round_00"] == {"prepare"}
     assert graph["ticket_round_02"] == {"prepare", "ticket_round_00", "ticket_round_01"}
     assert graph["reinit_round_02"] == {"prepare", "ticket_round_02"}
-    assert graph["evaluate"] == {s for s in graph if s.startswith(("ticket", "reinit"))}
+    assert graph["masks"] == {s for s in graph if s.startswith("ticket")}
+    assert graph["evaluate"] == {s for s in graph if s.startswith(("ticket", "reinit"))} | {"masks"}
     assert schedule.width(graph, list(graph)) == 2  # round k's control beside round k+1
     chain = [s for s in graph if not s.startswith("reinit")]
     assert schedule.width(graph, chain) == 1 and schedule.width(graph, []) == 0
@@ -63,7 +64,7 @@ def test_two_jobs_run_stages_side_by_side_with_the_outputs_of_dvc_repro(
     one.dvc("repro")
     two = make_project(xor_with_control, "two")
     out = two.lth("run", "-j", "2").stderr
-    assert "7 of 7 stages to run, up to 2 at a time" in out
+    assert "8 of 8 stages to run, up to 2 at a time" in out
     # After round 1, its control and round 2 are independent: they ran at the same time.
     together = [set(m.split(", ")) for m in re.findall(r"running: (.+)\)", out)]
     assert {"reinit_round_01", "ticket_round_02"} in together, out
@@ -96,6 +97,54 @@ def test_a_failing_stage_stops_new_launches_and_keeps_finished_ones(
     assert "reinit_round_01 failed" in proc.stderr and "boom" in proc.stderr
     assert "started evaluate" not in proc.stderr
     assert {"prepare", "ticket_round_00", "ticket_round_01"} <= locked_stages(proj.root)  # finished stages are recorded
+
+
+# ------------------------------------------------------------------------------------------------ GPUs
+
+
+def test_each_running_stage_gets_a_gpu_of_its_own() -> None:
+    pool = schedule.GpuPool(["0", "1", "2"])
+    a, b = pool.take(), pool.take()
+    assert (a, b) == ("0", "1")
+    pool.give_back(a)
+    assert [pool.take(), pool.take()] == ["2", "0"]  # taking turns: the free ones, from where it left off
+    assert pool.take() in {"0", "1", "2"}  # more stages than GPUs: they share
+    assert schedule.GpuPool([]).take() is None
+    assert schedule.visible_gpus({"LTH_GPUS": "3, 5", "CUDA_VISIBLE_DEVICES": "0"}) == ["3", "5"]
+    assert schedule.visible_gpus({"CUDA_VISIBLE_DEVICES": "GPU-1a,GPU-2b"}) == ["GPU-1a", "GPU-2b"]
+    assert schedule.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+
+
+# A stage that records the CUDA_VISIBLE_DEVICES it was started with, then waits (up to 30 s) until both first
+# stages have started, so that they surely run at the same time.
+GPU_STAGE = """
+import os, sys, time
+from pathlib import Path
+Path(sys.argv[1] + ".gpu").write_text(os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
+deadline = time.monotonic() + 30
+while not (Path("a.gpu").exists() and Path("b.gpu").exists()) and time.monotonic() < deadline:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("gpus", ["0,1", None])
+def test_stages_side_by_side_run_on_different_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpus) -> None:
+    """Two stages at once with LTH_GPUS=0,1 (GPUs that need not exist: the stages only record the variable), then
+    a third after the first: each started on a GPU of its own. Without GPUs the variable is left unset."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stage.py").write_text(GPU_STAGE)
+    env = {k: v for k, v in os.environ.items() if k not in ("LTH_GPUS", "CUDA_VISIBLE_DEVICES")}
+    env |= {"LTH_GPUS": gpus} if gpus else {}
+    if not gpus and schedule.visible_gpus(env):
+        pytest.skip("this machine has GPUs: no CPU-only run here")
+    graph = {"a": set(), "b": set(), "c": {"a"}}
+    code = schedule.repro(graph, list(graph), 2, env, command=lambda s: [sys.executable, "stage.py", s])
+    got = {s: (tmp_path / f"{s}.gpu").read_text() for s in graph}
+    assert code == 0
+    if gpus:
+        assert {got["a"], got["b"]} == {"0", "1"} and got["c"] in {"0", "1"}
+    else:
+        assert got == {"a": "unset", "b": "unset", "c": "unset"}
 
 
 # ------------------------------------------------------------------------------------ progress display

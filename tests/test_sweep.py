@@ -18,7 +18,7 @@ def test_sweep_over_learning_rate_experiments(make_project: Callable[..., Projec
     p = make_project(lenet_params(TINY))
     for lr in ("0.002", "0.0005"):
         p.dvc("exp", "run", "-S", f"training.lr={lr}")
-    out = p.lth("sweep", "--out", "results/lr_sweep").stdout
+    out = p.lth("sweep", "report", "--out", "results/lr_sweep").stdout
     assert "training.lr" in out  # found as the swept key without --param
     rows = list(csv.DictReader(open(p.root / "results" / "lr_sweep.csv")))
     assert sorted({r["training.lr"] for r in rows}) == ["0.0005", "0.002"]
@@ -45,5 +45,5 @@ def test_sweep_over_learning_rate_experiments(make_project: Callable[..., Projec
         assert float(r["test_accuracy_at_early_stop"]) == pytest.approx(
             runs[0].data.metrics["test_accuracy_at_early_stop"], abs=1e-6
         )
-    bad = p.lth("sweep", "--param", "training.lrr", check=False)
+    bad = p.lth("sweep", "report", "--param", "training.lrr", check=False)
     assert bad.returncode != 0 and "not a hyperparameter of these experiments" in bad.stderr

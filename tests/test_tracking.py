@@ -253,6 +253,43 @@ def test_parallel_stages_of_one_trajectory_make_one_parent(tmp_path: Path) -> No
     assert sorted(r.data.tags[TAG_PARENT] for r in tracker.find_runs(hp.hash)) == [parent.info.run_id] * 3
 
 
+def test_a_trial_logged_twice_is_one_run(tmp_path: Path) -> None:
+    """A retried stage (a cluster's task that ran again) logs its network again: MLflow keeps one run of it."""
+    hp = config.from_dict(XOR)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    outputs = trained_outputs(hp, tmp_path / "runs", "ticket", 0, T0)
+    first = log_trial(tracker, hp, outputs)
+    assert log_trial(tracker, hp, outputs) == first
+    assert [r.info.run_id for r in tracker.find_runs(hp.hash)] == [first]
+    [parent] = tracker.find_trajectories(hp.hash)
+    assert [m.step for m in tracker.client.get_metric_history(parent.info.run_id, "percent_remaining")] == [0]
+
+
+def test_a_run_whose_logging_broke_off_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process killed while logging (after the parent's curve point, before its run was finished) leaves a
+    RUNNING run: logging the network again deletes it, logs one finished run and charts the round once."""
+    hp = config.from_dict(XOR)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    outputs = trained_outputs(hp, tmp_path / "runs", "ticket", 0, T0)
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt  # the first call that finishes a run is where the process dies
+
+    with monkeypatch.context() as m:
+        m.setattr(tracker.client, "set_terminated", killed)
+        with pytest.raises(KeyboardInterrupt):
+            log_trial(tracker, hp, outputs)
+    [crashed] = tracker.find_runs(hp.hash)
+    assert crashed.info.status == "RUNNING"
+
+    run_id = log_trial(tracker, hp, outputs)
+    assert [(r.info.run_id, r.info.status) for r in tracker.find_runs(hp.hash)] == [(run_id, "FINISHED")]
+    assert tracker.client.get_run(crashed.info.run_id).info.lifecycle_stage == "deleted"
+    [parent] = tracker.find_trajectories(hp.hash)
+    for key in ("percent_remaining", "test_accuracy_at_early_stop"):
+        assert [m.step for m in tracker.client.get_metric_history(parent.info.run_id, key)] == [0]
+
+
 def parsed(params: dict[str, str]) -> dict[str, Any]:
     """MLflow's params (flat strings) as a nested params document."""
     doc: dict[str, Any] = {}

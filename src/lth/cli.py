@@ -25,6 +25,7 @@ from lth.pipeline import render, stage  # noqa: E402
 from lth.pipeline.workspace import DATA_DIR, RESULTS_DIR, RUNS_DIR  # noqa: E402
 
 if TYPE_CHECKING:
+    from lth.pipeline.cluster import Resources
     from lth.reporting.compare import Experiment
 
 
@@ -499,7 +500,145 @@ def report_cmd(params_path: str, overrides: tuple[str, ...], out: str | None, fo
     click.echo(f"wrote {path}: open {path.resolve().as_uri()}")
 
 
-@main.command("sweep")
+@main.group("sweep")
+def sweep_group() -> None:
+    """Sweeps: run a grid of experiments (`lth sweep run`) and aggregate them (`lth sweep report`)."""
+
+
+@sweep_group.command("run")
+@click.option(
+    "--set",
+    "-S",
+    "grid",
+    multiple=True,
+    metavar="KEY=V1,V2",
+    help="override a key of params.yaml with one value or a choice of several: one experiment per combination",
+)
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option(
+    "--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True, help="local: experiments at once"
+)
+@click.option("--address", metavar="HOST:PORT", help="ray: the cluster's head, as `ray start --head` prints it")
+@click.option("--cpus-per-task", type=click.FloatRange(min=0, min_open=True), help="ray: CPUs of each experiment [1]")
+@click.option(
+    "--gpus-per-task", type=click.FloatRange(min=0), help="ray: GPUs of each experiment (0.25: a quarter) [0]"
+)
+@click.option("--remote", "dvc_remote", metavar="URL", help="ray: the DVC remote of the tasks [the project's default]")
+@click.option("--git-remote", metavar="NAME", help="ray: the git remote the tasks clone from and push to [origin]")
+def sweep_run_cmd(
+    grid: tuple[str, ...],
+    executor: str,
+    jobs: int,
+    address: str | None,
+    cpus_per_task: float | None,
+    gpus_per_task: float | None,
+    dvc_remote: str | None,
+    git_remote: str | None,
+) -> None:
+    """Run a grid of experiments as DVC experiments, for `lth sweep report` to aggregate.
+
+    \b
+    On this machine (DVC's queue: `dvc exp run --queue`, `dvc queue start`):
+      lth sweep run -S training.lr=1.2e-3,6e-4 -S pruning.fc_rate=0.2,0.4
+    On a Ray cluster, from the pushed HEAD commit (docs/cluster.md):
+      lth sweep run --executor ray --address 10.0.0.5:6379 -S training.lr=1.2e-3,6e-4
+    """
+    from lth.pipeline import cluster, queue
+
+    ray_only = {"--address": address, "--cpus-per-task": cpus_per_task, "--gpus-per-task": gpus_per_task}
+    ray_only |= {"--remote": dvc_remote, "--git-remote": git_remote}
+    if executor == "local" and any(v is not None for v in ray_only.values()):
+        given = ", ".join(k for k, v in ray_only.items() if v is not None)
+        raise click.UsageError(f"{given}: for --executor ray only; add --executor ray, or leave them out")
+    if executor == "ray" and not address:
+        raise click.UsageError("--executor ray needs --address HOST:PORT of the cluster's head (`ray start --head`)")
+    try:
+        experiments = cluster.expand_grid(grid)
+        cluster.check_grid(Path("params.yaml"), experiments)
+        if executor == "local":
+            sweep_locally(experiments, jobs)
+            return
+        resources = cluster.Resources(cpus=cpus_per_task or 1.0, gpus=gpus_per_task or 0.0)
+        sweep_on_ray(experiments, address or "", resources, dvc_remote, git_remote or "origin")
+    except (cluster.ClusterError, queue.QueueError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+def describe_overrides(overrides: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in overrides.items()) or "params.yaml as it is"
+
+
+def sweep_locally(experiments: list[dict[str, str]], jobs: int) -> None:
+    """Queue the experiments in DVC's queue, start it and follow it, one line per change, to the end."""
+    from lth.pipeline import cluster, queue
+
+    queue.check_stages(Path("params.yaml"), experiments, Path("dvc.yaml"))
+    described = {cluster.experiment_name(o): describe_overrides(o) for o in experiments}
+    for name, what in queue.submit(experiments).items():
+        click.echo(f"lth: {name} ({described[name]}): {what}", err=True)
+    queue.start(jobs)
+    done: list[str] = []
+
+    def show(entry: queue.Entry) -> None:
+        if entry.state in queue.FINISHED:
+            done.append(entry.name)
+        count = f"{len(done)} of {len(described)} done; " if entry.state in queue.FINISHED else ""
+        logs = f" (`dvc queue logs {entry.task}`)" if entry.state == "failed" else ""
+        click.echo(f"lth: {count}{entry.name} ({described[entry.name]}): {entry.state}{logs}", err=True)
+
+    try:
+        final = queue.follow(list(described), show)
+    except KeyboardInterrupt:
+        click.echo("lth: stopped following; the queue goes on (`dvc queue status`, `dvc queue kill NAME`)", err=True)
+        sys.exit(130)
+    failed = [name for name, entry in final.items() if entry.state != "success"]
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(final)} experiments did not succeed: {', '.join(failed)}")
+    click.echo(f"lth: all {len(final)} done: `dvc exp show`, `lth sweep report`", err=True)
+
+
+def sweep_on_ray(
+    experiments: list[dict[str, str]], address: str, resources: Resources, dvc_remote: str | None, git_remote: str
+) -> None:
+    """Run the experiments on the Ray cluster at `address` from the pushed HEAD commit, one line as each
+    finishes, then pull them into the workspace."""
+    from lth.pipeline import cluster
+
+    url, commit = cluster.pushed_commit(git_remote)
+    cluster.check_address(address)
+    env = cluster.tracking_env()
+    if "MLFLOW_TRACKING_URI" not in env:
+        click.echo("lth: WARNING: no MLFLOW_TRACKING_URI: the tasks' MLflow runs stay in their clones", err=True)
+    click.echo(
+        f"lth: {len(experiments)} experiments of {commit[:7]} ({git_remote}) on the cluster at {address}", err=True
+    )
+    done: list[cluster.ExperimentResult] = []
+
+    def show(r: cluster.ExperimentResult) -> None:
+        done.append(r)
+        head = f"lth: {len(done)} of {len(experiments)} done; {r.name} ({describe_overrides(r.overrides)})"
+        if r.error:
+            click.echo(f"{head}: failed: {r.error}", err=True)
+            return
+        ran = [s for s, how in r.stages.items() if how == "ran"]
+        restored = [s for s, how in r.stages.items() if how != "ran"]
+        click.echo(
+            f"{head}: {sum(r.seconds.values()):.0f} s on {r.host}; ran {', '.join(ran) or 'nothing'}; "
+            f"restored {', '.join(restored) or 'nothing'}",
+            err=True,
+        )
+
+    results = cluster.run_sweep(url, commit, experiments, address, resources, env, dvc_remote, show)
+    succeeded = [r.name for r in results if not r.error]
+    if succeeded:
+        cluster.pull_experiments(succeeded, git_remote)
+        click.echo(f"lth: pulled {len(succeeded)} experiments: `dvc exp show`, `lth sweep report`", err=True)
+    failed = [r.name for r in results if r.error]
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(results)} experiments failed: {', '.join(failed)}")
+
+
+@sweep_group.command("report")
 @click.option(
     "--out",
     "-o",
@@ -518,26 +657,43 @@ def report_cmd(params_path: str, overrides: tuple[str, ...], out: str | None, fo
 @click.option("--kind", type=click.Choice(KINDS), default="ticket", show_default=True)
 @click.option("--all-commits", "-A", is_flag=True, help="experiments of every commit, not only of HEAD")
 @click.option("--force", is_flag=True, help="replace OUT.csv and OUT.png even when they are not an earlier sweep's")
-def sweep_cmd(out: str, params: tuple[str, ...], kind: str, all_commits: bool, force: bool) -> None:
+@click.option(
+    "--claims",
+    is_flag=True,
+    help="also OUT_claims.csv and OUT_claims.png: whether each claim holds at each grid point (a robustness study)",
+)
+def sweep_report_cmd(
+    out: str, params: tuple[str, ...], kind: str, all_commits: bool, force: bool, claims: bool
+) -> None:
     """Aggregate the DVC experiments of this repo (a sweep) into one table and one figure: test accuracy at
     early stop against percent of weights remaining, one curve per value of the swept hyperparameter.
+    With --claims, each experiment's claims (its results/plots/claims.csv) at the key sparsities, a panel
+    per experiment, and how many claims hold at each.
 
     \b
     A learning-rate sweep:
       dvc exp run --queue -S training.lr=3e-4
       dvc exp run --queue -S training.lr=1.2e-3
       dvc queue start --jobs 1 && dvc queue status   # wait for Success
-      lth sweep --param training.lr --out results/lr_sweep
+      lth sweep report --param training.lr --out results/lr_sweep
     """
-    from lth.reporting import sweep
+    from lth.reporting import robustness, sweep
 
     try:
         show = sweep.exp_show(Path("."), all_commits)
         text, csv_path, png_path, skipped = sweep.sweep(show, Path(out), params, kind, force)
+        click.echo(text)
+        click.echo(f"wrote {csv_path} and {png_path}")
+        if claims:
+            text, csv_path, png_path, missing = robustness.report(show, Path(out), params, force)
+            click.echo(text)
+            click.echo(f"wrote {csv_path} and {png_path}")
+            if missing:
+                click.echo(
+                    f"no claims (no {robustness.CLAIMS_FILE}: an older evaluate): {', '.join(missing)}", err=True
+                )
     except sweep.SweepError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(text)
-    click.echo(f"wrote {csv_path} and {png_path}")
     if skipped:
         click.echo(
             f"skipped (no results/metrics.json: queued, failed or not evaluated): {', '.join(skipped)}", err=True

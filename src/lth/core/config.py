@@ -140,6 +140,9 @@ RUNTIME_KEYS: dict[str, Any] = {
     "sparse": str | bool,
     "numerics": str,
     "deterministic": bool,
+    "processes_per_node": int,
+    "nodes": int,
+    "rdzv_endpoint": str,
 }
 
 
@@ -173,6 +176,8 @@ def _check_sections(doc: dict[str, Any], problems: list[str]) -> dict[str, Any]:
                         problems.append(f"{name}.{key}: expected portable or native, got {v!r}")
                     if key == "device" and isinstance(v, str) and v.split(":")[0] not in ("auto", "cpu", "cuda"):
                         problems.append(f"{name}.{key}: expected auto, cpu or cuda (cuda:N), got {v!r}")
+                    if key in ("processes_per_node", "nodes") and isinstance(v, int) and v < 1:
+                        problems.append(f"{name}.{key}: must be 1 or more (1 = no distributed training), got {v}")
             continue
         out[name] = value
     return out
@@ -208,6 +213,8 @@ def from_dict(doc: dict[str, Any], source: str = "params") -> Hparams:
     hp = build(Hparams, "")
     problems.extend(registry.check(hp))
     problems.extend(_check_ranges(hp))
+    problems.extend(_check_processes(doc.get("runtime"), hp))
+    problems.extend(_check_instability(hp, set(values)))
     if problems:
         raise HparamsError(problems, source)
     return hp
@@ -284,6 +291,47 @@ def _check_ranges(hp: Hparams) -> list[str]:
         p.append(f"training.warmup_iterations: must be in [0, training.iterations], got {t.warmup_iterations}")
     if hp.dataset.validation_size < 1:
         p.append(f"dataset.validation_size: must be a positive integer, got {hp.dataset.validation_size}")
+    return p
+
+
+def _check_processes(section: Any, hp: Hparams) -> list[str]:
+    """Distributed training (lth.core.distributed): each process takes an equal slice of every batch, and more
+    than one node needs a rendezvous endpoint that every node can reach."""
+    section = section if isinstance(section, dict) else {}
+    per_node, nodes = section.get("processes_per_node") or 1, section.get("nodes") or 1
+    if not (isinstance(per_node, int) and isinstance(nodes, int) and per_node >= 1 and nodes >= 1):
+        return []  # reported with the runtime section
+    p, world = [], per_node * nodes
+    if hp.training.batch_size % world:
+        p.append(
+            f"training.batch_size={hp.training.batch_size} does not divide among runtime.processes_per_node x "
+            f"runtime.nodes = {world} processes; pick a batch size that is a multiple of {world}, or fewer processes"
+        )
+    if nodes > 1 and not section.get("rdzv_endpoint"):
+        p.append(
+            f"runtime.rdzv_endpoint: runtime.nodes={nodes} needs HOST:PORT of the first node (see docs/distributed.md)"
+        )
+    return p
+
+
+def _check_instability(hp: Hparams, present: set[str]) -> list[str]:
+    """The instability analysis: rounds that the experiment trains, each once; enough points for a curve, and
+    written in the document (`present`: its keys) when rounds are analysed, since their DVC stages track it."""
+    p, rounds, last = [], hp.instability.rounds, hp.pruning.rounds
+    bad = [r for r in rounds if not 0 <= r <= last]
+    if bad:
+        p.append(
+            f"instability.rounds: {bad} not among the experiment's rounds 0 to pruning.rounds={last}; "
+            "pick trained rounds (or raise pruning.rounds)"
+        )
+    twice = sorted({r for r in rounds if rounds.count(r) > 1})
+    if twice:
+        p.append(f"instability.rounds: {twice} listed more than once; list each round once")
+    if hp.instability.points < 3:
+        points = hp.instability.points
+        p.append(f"instability.points: must be 3 or more (the two ends and a point between), got {points}")
+    if rounds and "instability.points" not in present:
+        p.append("instability.points: missing; the instability stages track it: add `points: 30` (the default)")
     return p
 
 

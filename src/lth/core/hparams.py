@@ -7,9 +7,10 @@ existed when lth first published hashes (`HASH_FORMAT_1`) are hashed at every va
 hashes, and the results recorded under them, valid.
 
 The hash names the IMP trajectory (data, model, training, pruning, trials). It leaves out
-`pruning.rounds` (more rounds extend a trajectory) and holds `controls.*` at their defaults: a control
-(random reinit, random pruning) is a branch of a trained trajectory, identified by the trajectory hash
-and its kind, so switching one on never re-keys the ticket. Reading and validating params files is `lth.core.config`.
+`pruning.rounds` (more rounds extend a trajectory) and `instability.*` (an analysis of trained rounds) and
+holds `controls.*` at their defaults: a control (random reinit, random pruning) is a branch of a trained
+trajectory, identified by the trajectory hash and its kind, so switching one on never re-keys the ticket.
+Reading and validating params files is `lth.core.config`.
 """
 
 from __future__ import annotations
@@ -71,6 +72,14 @@ class ControlHparams:
 
 
 @dataclass(frozen=True)
+class InstabilityHparams:
+    """Linear mode connectivity (Frankle et al. 2020): analysis of trained rounds, never part of the hash."""
+
+    rounds: list[int] = field(default_factory=list)  # ticket rounds to analyse (empty: none)
+    points: int = 30  # evenly spaced interpolation points between the two trained copies, ends included
+
+
+@dataclass(frozen=True)
 class Hparams:
     dataset: DatasetHparams = field(default_factory=DatasetHparams)
     model: ModelHparams = field(default_factory=ModelHparams)
@@ -78,6 +87,7 @@ class Hparams:
     pruning: PruningHparams = field(default_factory=PruningHparams)
     controls: ControlHparams = field(default_factory=ControlHparams)
     trials: int = 1
+    instability: InstabilityHparams = field(default_factory=InstabilityHparams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,8 +139,8 @@ def section_fields(cls: type = Hparams, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# Never hashed: more rounds extend a trajectory.
-UNHASHED = frozenset({"pruning.rounds"})
+# Never hashed: more rounds extend a trajectory; the instability analysis only adds outputs beside it.
+UNHASHED = frozenset({"pruning.rounds", "instability.rounds", "instability.points"})
 # Every field of hash format 1 (lth up to 2026-11): hashed at any value, so the hashes of that time hold.
 HASH_FORMAT_1 = frozenset(
     [f"dataset.{k}" for k in ("name", "validation_size", "split_seed", "augment")]

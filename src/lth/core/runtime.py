@@ -36,9 +36,20 @@ class RuntimeSettings:
     checkpoint_dir: Path = Path(".lth/checkpoints")
     numerics: str = "portable"  # portable | native CPU kernels (lth.pipeline.numerics pins them at start-up)
     deterministic: bool = False  # torch.use_deterministic_algorithms and cuDNN's deterministic flags (GPU)
+    processes_per_node: int = 1  # > 1 (or nodes > 1): one network trained by several processes (lth.core.distributed)
+    nodes: int = 1
+    rdzv_endpoint: str = ""  # HOST:PORT of torchrun's rendezvous; "" = this machine, a free port (one node)
+
+    @property
+    def world_size(self) -> int:
+        """Processes that train one network together (torchrun's world size)."""
+        return self.processes_per_node * self.nodes
 
     def workers_for(self, trials: int) -> int:
-        """min(trials, CPU cores) on CPU and 1 on CUDA unless set; never more than the trials."""
+        """min(trials, CPU cores) on CPU and 1 on CUDA unless set; never more than the trials. Under distributed
+        training 1: the group of processes trains a round's trials one after another."""
+        if self.world_size > 1:
+            return 1
         n = self.workers or (1 if self.device.type != "cpu" else cpu_count())
         return max(1, min(n, trials))
 
@@ -48,7 +59,7 @@ class RuntimeSettings:
         splits its sums differently): set it to compare conv-net runs made with different worker counts."""
         if self.threads:
             return self.threads
-        return 1 if model_name in FC_MODELS else max(1, cpu_count() // n_workers)
+        return 1 if model_name in FC_MODELS else max(1, cpu_count() // (n_workers * self.processes_per_node))
 
     def without_checkpoints(self) -> RuntimeSettings:
         return replace(self, checkpoint_seconds=None)
@@ -60,7 +71,8 @@ def cpu_count() -> int:
 
 def resolve(section: dict[str, Any], checkpoint_dir: Path, env: dict[str, str] | None = None) -> RuntimeSettings:
     """Settings from params.yaml's runtime section, overridden by LTH_DEVICE, LTH_THREADS, LTH_WORKERS,
-    LTH_CHECKPOINT_SECONDS, LTH_SPARSE and LTH_CHECKPOINT_DIR (else `checkpoint_dir`)."""
+    LTH_CHECKPOINT_SECONDS, LTH_SPARSE, LTH_PROCESSES_PER_NODE, LTH_NODES, LTH_RDZV_ENDPOINT and
+    LTH_CHECKPOINT_DIR (else `checkpoint_dir`)."""
     env = os.environ if env is None else env
 
     def pick(key: str) -> tuple[Any, str]:
@@ -86,6 +98,9 @@ def resolve(section: dict[str, Any], checkpoint_dir: Path, env: dict[str, str] |
         raise SettingsError(f"{source}={numerics!r} is not a numerics mode; use portable or native.")
     seconds, source = pick("checkpoint_seconds")
     checkpoint_dir = env.get("LTH_CHECKPOINT_DIR") or checkpoint_dir
+    nodes, endpoint = _processes(*pick("nodes")), str(pick("rdzv_endpoint")[0] or "")
+    if nodes > 1 and not endpoint:
+        raise SettingsError(f"runtime.nodes={nodes} needs runtime.rdzv_endpoint (HOST:PORT of the first node).")
     return RuntimeSettings(
         device=torch.device(device_name),
         threads=_count(*pick("threads")),
@@ -96,6 +111,9 @@ def resolve(section: dict[str, Any], checkpoint_dir: Path, env: dict[str, str] |
         checkpoint_dir=Path(checkpoint_dir),
         numerics=numerics or "portable",
         deterministic=bool(section.get("deterministic", False)),
+        processes_per_node=_processes(*pick("processes_per_node")),
+        nodes=nodes,
+        rdzv_endpoint=endpoint,
     )
 
 
@@ -109,6 +127,19 @@ def _count(value: Any, source: str) -> int:
         number = -1
     if number < 0 or str(number) != str(value).strip():
         raise SettingsError(f"{source}={value!r} must be a whole number >= 0 (0 = automatic).")
+    return number
+
+
+def _processes(value: Any, source: str) -> int:
+    """A whole number >= 1 (1 = one process)."""
+    if value is None or value == "":
+        return 1
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or str(number) != str(value).strip():
+        raise SettingsError(f"{source}={value!r} must be a whole number >= 1 (1 = no distributed training).")
     return number
 
 

@@ -2,8 +2,9 @@
 
 Data order is a pure function of (seed, epoch), and stochastic layers are reseeded per iteration, so a
 run can start at any iteration (rewinding) or resume from a checkpoint and produce bit-identical
-results. Evaluation and early stopping (`EarlyStopping`), checkpoints (`Checkpointer`), stop requests
-and the sparse training view (`TrainingView`) are collaborators; the loop only trains.
+results. Evaluation and early stopping (`EarlyStopping`), checkpoints (`Checkpointer`), stop requests,
+the sparse training view (`TrainingView`) and distributed training (`lth.core.distributed`: each rank
+trains its slice of the global batch) are collaborators; the loop only trains.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lth.core import distributed
 from lth.core.checkpoint import Checkpointer, StopRequest, note
 from lth.core.data import Data, augment_batch
 from lth.core.evaluation import EarlyStopping, ProgressFn, loss_fn, snapshot
@@ -69,14 +71,24 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
     return torch.randperm(n, generator=g).to(device)
 
 
-def batch(data: Data, job: TrainJob, iteration: int, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The minibatch of `iteration`: a slice of this epoch's order (the last partial batch is dropped)."""
+def batch(
+    data: Data, job: TrainJob, iteration: int, order: torch.Tensor, rows: slice = slice(None)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rows` (a rank's share; all by default) of the minibatch of `iteration`: a slice of this epoch's order
+    (the last partial batch is dropped)."""
     step = iteration % (len(data.train) // job.hp.batch_size)
     idx = order[step * job.hp.batch_size : (step + 1) * job.hp.batch_size]
+    idx = idx if data.augment else idx[rows]  # augmented: the whole batch, as one process draws its flips and crops
     x, y = data.train.x.index_select(0, idx), data.train.y.index_select(0, idx)  # faster than x[idx] on CPU
     if data.augment:
         x = augment_batch(x, torch.Generator(device=x.device).manual_seed(job.seed * 1_000_003 + iteration))
+        x, y = x[rows], y[rows]
     return x, y
+
+
+def layer_seed(job: TrainJob, iteration: int) -> int:
+    """The seed of stochastic layers (dropout) at `iteration`; each rank draws its own masks for its rows."""
+    return (job.seed * 1_000_003 + iteration) * distributed.world_size() + distributed.rank()
 
 
 class _Run:
@@ -93,6 +105,7 @@ class _Run:
         self.model, self.job, self.checkpointer = model, job, checkpointer
         self.device = next(model.parameters()).device
         self.early = EarlyStopping(data, job.hp, progress)
+        self.rows = distributed.shard(job.hp.batch_size)  # this rank's rows of every batch
         self.state = {
             "iteration": job.start_iteration,
             "rewind_state": None,
@@ -101,16 +114,19 @@ class _Run:
             "seconds": {"train": 0.0, "eval": 0.0},
         }
         engine = "sparse" if use_sparse(model, job.mask, self.device, job.sparse) else "dense"
-        ck = checkpointer.load(self.device, engine) if checkpointer else None
+        ck = distributed.load_checkpoint(checkpointer, self.device, engine) if checkpointer else None
         if ck is not None:
             model.load_state_dict(ck["model"])
         self.view = TrainingView(model, job.mask, self.device, job.sparse)
         self.optimizer = make_optimizer(self.view.net, job.hp)
+        self.net = distributed.wrap(self.view.net, self.device)  # what the loop calls: DDP under torchrun
         if ck is not None:
             self.optimizer.load_state_dict(ck["optimizer"])
             self.early.restore(ck)
             self.state = {k: ck[k] for k in self.state}
-            note(f"resuming {job.label} from iteration {self.state['iteration']} ({checkpointer.path})")
+            self.state["loss_sum"] = distributed.own_part(ck["loss_sum"])
+            if distributed.is_writer():
+                note(f"resuming {job.label} from iteration {self.state['iteration']} ({checkpointer.path})")
         else:
             self.keep_rewind_weights()
             self.evaluate()
@@ -121,12 +137,18 @@ class _Run:
             self.state["rewind_state"] = snapshot(self.model)
 
     def evaluate(self) -> None:
+        """Every rank evaluates its identical weights on the same data, so all take the same decisions (best
+        iteration, divergence) with no broadcast, while the others would only wait for rank 0; a check of
+        the validation loss across ranks makes sure that they agree."""
         self.view.sync()
-        n = self.state["loss_count"]
-        self.early.record(self.model, self.state["iteration"], float(self.state["loss_sum"]) / n if n else math.nan)
+        n, it = self.state["loss_count"], self.state["iteration"]
+        self.early.record(self.model, it, float(distributed.mean(self.state["loss_sum"])) / n if n else math.nan)
+        distributed.check_same(self.early.curve[-1]["val_loss"], f"the validation loss at iteration {it}")
         self.state["loss_sum"], self.state["loss_count"] = torch.zeros((), device=self.device), 0
 
     def save(self) -> None:
+        if not distributed.is_writer():  # rank 0 holds the same state and writes it
+            return
         self.view.sync()
         self.state["seconds"]["eval"] = self.early.seconds
         self.checkpointer.save(
@@ -151,11 +173,18 @@ class _Run:
             if self.checkpointer and self.checkpointer.due():
                 self.save()
 
+    def stopping(self, stop: StopRequest | None) -> bool:
+        """Whether a stop was requested; under DDP the ranks agree on it every STOP_CHECK_EVERY iterations."""
+        if stop is None or (distributed.active() and self.state["iteration"] % distributed.STOP_CHECK_EVERY):
+            return False
+        return distributed.agree_stop(stop)
+
     def stop(self, stop: StopRequest) -> None:
         """Ctrl-C or SIGTERM: save a checkpoint, then raise `Stopped`."""
         where = f"{self.job.label} interrupted (signal {stop.signum}) at iteration {self.state['iteration']}"
         if self.checkpointer is None:
             stop.stop(f"{where}; no checkpoint (checkpointing is off)")
+        self.state["loss_sum"] = distributed.per_rank(self.state["loss_sum"])  # each rank resumes from its own
         self.save()
         stop.stop(f"{where}; checkpoint saved to {self.checkpointer.path}; run the same command again to resume")
 
@@ -182,7 +211,7 @@ def train(
     if hp.batch_size > len(data.train):
         raise ValueError(f"training.batch_size={hp.batch_size} exceeds the training split ({len(data.train)} examples)")
     run = _Run(model, data, job, checkpointer, progress)
-    net, optimizer = run.view.net, run.optimizer
+    net, optimizer = run.net, run.optimizer
     model.train()
     net.train()
     stochastic = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
@@ -190,7 +219,7 @@ def train(
     order, order_epoch, lr = None, -1, None
     eval_before, t_loop = run.early.seconds, time.perf_counter()
     while (it := run.state["iteration"]) < hp.iterations:
-        if stop is not None and stop.signum is not None:
+        if run.stopping(stop):
             run.stop(stop)
         if it // steps_per_epoch != order_epoch:
             order_epoch = it // steps_per_epoch
@@ -199,9 +228,9 @@ def train(
             lr = learning_rate(hp, it)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        x, y = batch(data, job, it, order)
+        x, y = batch(data, job, it, order, run.rows)
         if stochastic:
-            torch.manual_seed(job.seed * 1_000_003 + it)
+            torch.manual_seed(layer_seed(job, it))
         loss = loss_fn(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,7 +1,8 @@
 """One round of the experiment: every trial of one branch at one IMP round, as its DVC stage runs it.
 
 With several trials, worker processes train them in parallel, each with its share of the cores; every
-trial's results are the same as when trained alone.
+trial's results are the same as when trained alone. Under distributed training (lth.core.distributed) the
+group of processes trains the trials one after another, each trial by all of them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lth.core import distributed
 from lth.core.checkpoint import StopRequest
 from lth.core.data import load_prepared, prepared_path
 from lth.core.environment import make_deterministic
@@ -22,7 +24,7 @@ from lth.core.hparams import Hparams
 from lth.core.runtime import RuntimeSettings
 from lth.lottery.layout import read_metrics
 from lth.lottery.progress import RoundProgress
-from lth.lottery.trial import Trial, run_trial
+from lth.lottery.trial import Trial, forget_finished, run_trial
 
 
 class TrialsFailed(RuntimeError):
@@ -47,13 +49,20 @@ class Round:
 def run_round(job: Round, settings: RuntimeSettings, trials: list[int] | None = None) -> list[dict[str, Any]]:
     """Train every trial of one round (or only `trials`) and write their outputs. Ctrl-C or SIGTERM saves a
     checkpoint and raises `Stopped`; running the round again resumes it."""
+
+    trials = list(range(job.hp.trials)) if trials is None else trials
+    workers = settings.workers_for(len(trials))
+    done = _run_in_workers(job, settings, trials, workers) if workers > 1 else _run_here(job, settings, trials)
+    if distributed.is_writer():
+        forget_finished([job.trial(t) for t in trials], settings)
+    return done
+
+
+def _run_here(job: Round, settings: RuntimeSettings, trials: list[int]) -> list[dict[str, Any]]:
+    """Train `trials` one after another in this process."""
     import torch
 
     hp, kind, round_index = job.hp, job.kind, job.round_index
-    trials = list(range(hp.trials)) if trials is None else trials
-    workers = settings.workers_for(len(trials))
-    if workers > 1:
-        return _run_in_workers(job, settings, trials, workers)
     torch.set_num_threads(settings.threads_for(hp.model.name, 1))
     if settings.deterministic:
         make_deterministic()
@@ -67,9 +76,10 @@ def run_round(job: Round, settings: RuntimeSettings, trials: list[int] | None = 
                 t.label, hp.training.iterations, quiet=settings.quiet, round_index=round_index, rounds=hp.pruning.rounds
             ) as bar:
                 metrics = run_trial(t, data, settings, bar.update, stop)
-            _report(t, metrics, time.perf_counter() - start)
+            if distributed.is_writer():
+                _report(t, metrics, time.perf_counter() - start)
             done.append(metrics)
-            if stop.signum is not None and i + 1 < len(trials):  # the signal came after training ended
+            if distributed.agree_stop(stop) and i + 1 < len(trials):  # the signal came after training ended
                 stop.stop(f"{kind} round {round_index} interrupted after trial {trial}; run it again to resume")
     return done
 

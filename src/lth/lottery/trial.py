@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lth.core import pruning
-from lth.core.checkpoint import Checkpointer, StopRequest
+from lth.core import distributed, pruning
+from lth.core.checkpoint import Checkpointer, StopRequest, note
 from lth.core.data import Data
 from lth.core.environment import numeric_environment
 from lth.core.evaluation import ProgressFn
@@ -18,7 +19,7 @@ from lth.core.hparams import Hparams
 from lth.core.runtime import RuntimeSettings
 from lth.core.training import TrainJob, train
 from lth.lottery.branches import prepare_network, trial_seed
-from lth.lottery.layout import trial_dir, write_outputs
+from lth.lottery.layout import read_metrics, trial_dir, write_outputs
 
 PACKAGE = Path(__file__).resolve().parents[1]  # src/lth
 # The library code a trial runs (package-relative): a change re-runs its DVC stage, and a checkpoint saved
@@ -78,13 +79,58 @@ class Trial:
         key = f"{self.round_hash}-code-{code_fingerprint()[:12]}"
         return Checkpointer(settings.checkpoint_dir / f"{self.round_hash}.pt", key, settings.checkpoint_seconds)
 
+    def finished_copy(self, settings: RuntimeSettings) -> Path:
+        """Where a finished trial's outputs wait until its whole round is done: DVC deletes a stage's outputs
+        before it runs the stage again, so without this copy an interrupted round would retrain them."""
+        return settings.checkpoint_dir / f"{self.round_hash}-code-{code_fingerprint()[:12]}.done"
+
+
+def keep_finished(t: Trial, settings: RuntimeSettings) -> None:
+    """Copy the outputs of finished trial `t` beside the checkpoints (atomically: copy, then rename)."""
+    if settings.checkpoint_seconds is None:
+        return
+    copy = t.finished_copy(settings)
+    tmp = copy.with_name(copy.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(t.out, tmp)
+        tmp.replace(copy)
+    except OSError as e:
+        note(f"WARNING: cannot keep a copy of {t.label} in {copy.parent} ({e}); an interruption would retrain it")
+
+
+def restore_finished(t: Trial, settings: RuntimeSettings) -> dict[str, Any] | None:
+    """The metrics of trial `t` when an earlier, interrupted run of its round finished it (its outputs put
+    back in place), else None. The copy's name carries the code fingerprint, so other code never reuses it."""
+    copy = t.finished_copy(settings)
+    found = settings.checkpoint_seconds is not None and copy.is_dir()
+    distributed.check_same(found, f"whether {copy} exists (the ranks must share the checkpoint directory)")
+    if not found:
+        return None
+    if not distributed.is_writer():
+        return read_metrics(copy)
+    shutil.rmtree(t.out, ignore_errors=True)
+    shutil.copytree(copy, t.out)
+    note(f"{t.label} was finished by an interrupted run: its outputs are restored from {copy}")
+    return read_metrics(t.out)
+
+
+def forget_finished(trials: list[Trial], settings: RuntimeSettings) -> None:
+    """The round is done: its trials' copies are no longer needed."""
+    for t in trials:
+        shutil.rmtree(t.finished_copy(settings), ignore_errors=True)
+
 
 def run_trial(
     t: Trial, data: Data, settings: RuntimeSettings, progress: ProgressFn | None = None, stop: StopRequest | None = None
 ) -> dict[str, Any]:
-    """Train the network of `t` (resuming from its checkpoint) and write its outputs under `t.runs`."""
+    """Train the network of `t` (resuming from its checkpoint) and write its outputs under `t.runs`. Under
+    distributed training every rank trains it, and rank 0 writes."""
+    if (restored := restore_finished(t, settings)) is not None:
+        return restored
     started = now_ms()
     model, mask, start = prepare_network(t.hp, t.runs, t.round_index, t.kind, t.trial)
+    distributed.check_same(pruning.mask_hash(mask), f"the mask of {t.label} (its MD5)")
     model.to(settings.device)
     rewind_at = t.hp.pruning.rewind_iteration if (t.round_index == 0 and t.kind == "ticket") else None
     job = TrainJob(t.hp.training, trial_seed(t.hp, t.trial), mask, start, rewind_at, settings.sparse, t.label)
@@ -104,12 +150,14 @@ def run_trial(
     }
     run_info = {
         "seconds": result.seconds,
-        "environment": numeric_environment(settings.device, result.engine),
+        "environment": {**numeric_environment(settings.device, result.engine), **distributed.environment()},
         "start_ms": started,  # wall clock (epoch ms): MLflow's run spans the training
         "end_ms": now_ms(),
         **({"git_commit": commit} if (commit := git_commit()) else {}),
     }
-    write_outputs(t.out, metrics, result.state, mask, result.curve, result.rewind_state, run_info)
-    if checkpointer is not None:
-        checkpointer.remove()
+    if distributed.is_writer():
+        write_outputs(t.out, metrics, result.state, mask, result.curve, result.rewind_state, run_info)
+        keep_finished(t, settings)
+        if checkpointer is not None:
+            checkpointer.remove()
     return metrics

@@ -6,7 +6,7 @@ by one with `dvc repro --pull --single-item`: a stage whose run is in the shared
 restored instead of trained. After each stage that ran, its outputs and run-cache entry are pushed
 (`dvc push --run-cache`), so a task that Ray retries after its worker died resumes from the last pushed
 stage. The finished workspace is saved as a DVC experiment and pushed to the git remote (`dvc exp save`,
-`dvc exp push`): the user's workspace sees it with `dvc exp pull` and `dvc exp show` (or `lth sweep`), and
+`dvc exp push`): the user's workspace sees it with `dvc exp pull` and `dvc exp show` (or `lth sweep report`), and
 in MLflow, where the stages log as usual (pass MLFLOW_TRACKING_URI in `env`). docs/cluster.md.
 """
 
@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,9 @@ from typing import Any
 PHASES = ("clone", "pull", "train", "push")  # where an experiment's seconds go (ExperimentResult.seconds)
 DVC = (sys.executable, "-m", "dvc")
 PROBE_SECONDS = 5.0
+# What a task needs of the submitting shell to log where the user logs: passed in the tasks' environment (never in
+# params, tags, artifacts or logs; MLflow's client reads the credentials from the environment at each request).
+TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 # Who the experiment commits are by, unless the task's environment names someone.
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "lth sweep",
@@ -134,6 +137,46 @@ def experiment_name(overrides: dict[str, str]) -> str:
     return f"lth-{hashlib.md5(text.encode()).hexdigest()[:10]}"
 
 
+# ---------------------------------------------------------------------------------------- what is submitted
+
+
+def git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+
+
+def pushed_commit(git_remote: str, repo: Path = Path(".")) -> tuple[str, str]:
+    """(URL of the git remote named `git_remote`, HEAD's commit) for a sweep of the workspace at `repo`: the
+    tasks clone that commit from that remote, so the workspace must have no uncommitted changes and the commit
+    must be pushed there (a remote branch contains it, as of the last push or fetch)."""
+    url = git(repo, "remote", "get-url", git_remote).stdout.strip()
+    if not url:
+        raise ClusterError(
+            f"no git remote '{git_remote}' in {repo.resolve()}: add one that every node can reach (`git remote add "
+            f"{git_remote} URL`, then `git push {git_remote} HEAD`), or pass --git-remote NAME"
+        )
+    commit = git(repo, "rev-parse", "--verify", "HEAD").stdout.strip()
+    changed = [line[3:] for line in git(repo, "status", "--porcelain", "--untracked-files=no").stdout.splitlines()]
+    if not commit or changed:
+        raise ClusterError(
+            f"the workspace has uncommitted changes ({', '.join(changed[:3] or ['nothing committed yet'])}), and "
+            f"the cluster runs what '{git_remote}' holds: commit them and `git push {git_remote} HEAD` (or stash them)"
+        )
+    branches = git(repo, "branch", "--remotes", "--contains", commit, "--format=%(refname:short)").stdout.split()
+    if not any(b.startswith(f"{git_remote}/") for b in branches):
+        raise ClusterError(
+            f"commit {commit[:7]} is not pushed to '{git_remote}', where the cluster clones it from: "
+            f"`git push {git_remote} HEAD` (or `git fetch {git_remote}` if it was pushed from elsewhere)"
+        )
+    local = not any(sep in url for sep in ("://", "@")) and (repo / url).exists()
+    return (str((repo / url).resolve()) if local else url), commit
+
+
+def tracking_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The MLflow settings of `environ` (the process's environment by default) that the tasks need."""
+    environ = os.environ if environ is None else environ
+    return {k: environ[k] for k in TRACKING_ENV if environ.get(k)}
+
+
 # ----------------------------------------------------------------------------------------------- the cluster
 
 
@@ -195,6 +238,7 @@ def run_sweep(
     import ray
 
     try:
+        check_resources(resources, address)
         task = ray.remote(run_experiment)
         refs = {
             task.options(
@@ -217,6 +261,22 @@ def run_sweep(
         return results
     finally:
         ray.shutdown()
+
+
+def check_resources(resources: Resources, address: str) -> None:
+    """Refuse a task that no live node of the cluster can hold (Ray would keep it pending for ever), before
+    anything is submitted."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(n.get("CPU", 0) >= resources.cpus and n.get("GPU", 0) >= resources.gpus for n in nodes):
+        return
+    largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+    raise ClusterError(
+        f"no node of the Ray cluster at {address} has {resources.cpus:g} CPUs and {resources.gpus:g} GPUs for a "
+        f"task (the largest has {largest.get('CPU', 0):g} CPUs and {largest.get('GPU', 0):g} GPUs): ask for less "
+        "with --cpus-per-task and --gpus-per-task, or add such a node to the cluster"
+    )
 
 
 def _result(ref: Any, overrides: dict[str, str], resources: Resources) -> ExperimentResult:
@@ -351,7 +411,7 @@ def read_rounds(root: Path) -> dict[str, dict[str, Any]]:
 
 def pull_experiments(names: Sequence[str], git_remote: str, repo: Path = Path(".")) -> str:
     """Bring the sweep's DVC experiments into the workspace at `repo` (`dvc exp pull`, git refs only: their
-    metrics, params and per-round tables, what `dvc exp show` and `lth sweep` read; `dvc pull` at an
+    metrics, params and per-round tables, what `dvc exp show` and `lth sweep report` read; `dvc pull` at an
     experiment fetches its networks). Returns DVC's output."""
     proc = subprocess.run(
         [sys.executable, "-m", "dvc", "exp", "pull", "--no-cache", git_remote, *names],

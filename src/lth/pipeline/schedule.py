@@ -7,6 +7,10 @@ DVC records, caches and skips it exactly as a plain `dvc repro` would; DVC relea
 stage's command runs, and `--wait-for-lock` makes the short locked phases of two stages wait for each other.
 Their output is relayed line by line to a `StageDisplay` (lth.lottery.progress): prefixed with the stage's
 name, and on a terminal with a live line per running stage, fed by the stages' progress records.
+
+On a machine with GPUs each running stage gets one of its own through CUDA_VISIBLE_DEVICES (`GpuPool`), from
+those LTH_GPUS lists (comma-separated ids: to choose them, or in tests to pretend), else those
+CUDA_VISIBLE_DEVICES lists, else every GPU torch sees. Without GPUs the variable is left alone.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -28,6 +32,8 @@ from lth.core.runtime import FC_MODELS, RuntimeSettings, cpu_count
 from lth.lottery.progress import PROGRESS_ENV, StageDisplay
 
 DVC = [sys.executable, "-m", "dvc"]
+GPUS_ENV = "LTH_GPUS"  # the GPU ids that `lth run -j N` hands out, e.g. 0,1 (default: see visible_gpus)
+CUDA = "CUDA_VISIBLE_DEVICES"  # what each stage gets: one of them
 
 
 def stage_graph(dvc_yaml: Path = Path("dvc.yaml")) -> dict[str, set[str]]:
@@ -183,6 +189,8 @@ class _Run:
         self.relays: dict[str, threading.Thread] = {}
         self.started: dict[str, float] = {}
         self.failed: tuple[str, int] | None = None
+        self.gpus = GpuPool(visible_gpus(os.environ if env is None else env))
+        self.gpu_of: dict[str, str | None] = {}
 
     def launch(self) -> bool:
         """Start the first pending stage whose upstream stages are done; False when none is ready."""
@@ -196,8 +204,10 @@ class _Run:
             f"running: {', '.join([*self.running, stage])})"
         )
         self.display.started(stage)
+        self.gpu_of[stage] = gpu = self.gpus.take()
+        env = self.env if gpu is None else {**(os.environ if self.env is None else self.env), CUDA: gpu}
         proc = subprocess.Popen(
-            self.command(stage), env=self.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            self.command(stage), env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         self.running[stage] = proc
         self.relays[stage] = threading.Thread(target=_relay, args=(proc.stdout, stage, self.display), daemon=True)
@@ -210,6 +220,7 @@ class _Run:
             if proc.poll() is None:
                 continue
             del self.running[stage]
+            self.gpus.give_back(self.gpu_of.pop(stage))
             self.relays[stage].join(timeout=5)
             self.display.finished(stage)
             if proc.returncode == 0:
@@ -222,6 +233,38 @@ class _Run:
                     + (f"Waiting for {', '.join(self.running)} to finish; " if self.running else "")
                     + "finished stages are kept: fix the cause and run `lth run` again."
                 )
+
+
+def visible_gpus(env: Mapping[str, str]) -> list[str]:
+    """The ids of the GPUs that stages may run on: those LTH_GPUS lists, else those CUDA_VISIBLE_DEVICES lists
+    (none when it is empty), else every GPU torch sees."""
+    for name in (GPUS_ENV, CUDA):
+        if name in env:
+            return [g.strip() for g in env[name].split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+class GpuPool:
+    """Hands each stage that starts one GPU: the least busy one, taking turns among equals. With no more stages
+    at a time than GPUs, no two running stages share one; with more, they share as evenly as they can."""
+
+    def __init__(self, gpus: list[str]):
+        self.gpus, self.busy, self.turn = list(gpus), dict.fromkeys(gpus, 0), 0
+
+    def take(self) -> str | None:
+        """A GPU for a stage that starts (None without GPUs)."""
+        if not self.gpus:
+            return None
+        in_turn = self.gpus[self.turn :] + self.gpus[: self.turn]
+        gpu = min(in_turn, key=lambda g: self.busy[g])  # the first of the least busy, from this turn on
+        self.busy[gpu] += 1
+        self.turn = (self.gpus.index(gpu) + 1) % len(self.gpus)
+        return gpu
+
+    def give_back(self, gpu: str | None) -> None:
+        """The stage on `gpu` has ended."""
+        if gpu is not None:
+            self.busy[gpu] -= 1
 
 
 def child_env(jobs: int, model_name: str, settings: RuntimeSettings, live: bool = False) -> dict[str, str]:

@@ -1,17 +1,19 @@
 """What every DVC stage script shares: params and runtime settings resolved once, and errors as one line.
 
 The library raises; a stage prints one `lth:` line naming the problem and the fix, and exits 1 (or
-128 + signal after a Ctrl-C or SIGTERM, with a checkpoint saved), never a traceback.
+128 + signal after a Ctrl-C or SIGTERM, with a checkpoint saved), never a traceback. A training stage whose
+runtime asks for several processes re-launches itself under torchrun (`relaunch_distributed`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lth.core import config, runtime
+from lth.core import config, distributed, runtime
 from lth.core.checkpoint import Stopped
 from lth.core.hparams import Hparams
 from lth.core.runtime import RuntimeSettings
@@ -48,12 +50,26 @@ def load(params: str | Path = "params.yaml") -> StageContext:
     return StageContext(hp, runtime.resolve(config.runtime_section(params), checkpoint_dir()), Path(params))
 
 
+def relaunch_distributed(ctx: StageContext, run_id: str) -> bool:
+    """When runtime.processes_per_node x runtime.nodes > 1 and this process is not one torchrun started:
+    run this stage's command under torchrun (`run_id` names the job at the rendezvous) and return True once
+    every rank has finished; else False (train here). The DVC stage's command is unchanged: runtime
+    settings never re-run a stage."""
+    if not distributed.launch_needed(ctx.settings):
+        return False
+    distributed.launch(ctx.settings, sys.argv, run_id, ctx.settings.threads_for(ctx.hp.model.name))
+    return True
+
+
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's body; a user error or a stop request becomes one line and an exit status."""
+    """Run a stage's body; a user error or a stop request becomes one line and an exit status. Under
+    torchrun, rank 0 reports a stop (every rank stops with it), and each rank its own error."""
+    rank = int(os.environ.get("RANK", 0))
     try:
         main()
     except Stopped as e:
-        print(f"lth: {e}", file=sys.stderr, flush=True)
+        if rank == 0:
+            print(f"lth: {e}", file=sys.stderr, flush=True)
         raise SystemExit(128 + e.signum) from None
     except USER_ERRORS as e:
-        raise SystemExit(f"lth: {e}") from None
+        raise SystemExit(f"lth: rank {rank}: {e}" if rank else f"lth: {e}") from None

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lth.lottery.layout import KINDS, read_curve
+from lth.lottery.layout import KINDS, read_curve, trial_dir
 from lth.reporting.statistics import mean_ci
 
 SUMMARY_METRICS = (
@@ -32,6 +32,7 @@ KEY_PERCENTS = (51, 21, 7, 3.6)
 NEAR = 1.25  # a round stands for a key sparsity when its percent remaining is within this factor of it
 
 Aggregate = dict[str, dict[int, dict[str, Any]]]  # kind -> round -> entry (see `aggregate`)
+Instability = dict[int, dict[str, Any]]  # round -> entry (see `aggregate_instability`)
 
 
 def collect(
@@ -129,10 +130,11 @@ def key_rounds(agg: Aggregate) -> dict[str, int]:
     return found
 
 
-def metrics_document(agg: Aggregate) -> dict[str, Any]:
+def metrics_document(agg: Aggregate, instability: Instability | None = None) -> dict[str, Any]:
     """results/metrics.json: test accuracy at early stop (mean over trials) of the dense network, of the best
-    ticket (with its round and percent remaining), and of each kind at the key sparsities. The per-round
-    numbers are plot data (`write_sparsity_csv`)."""
+    ticket (with its round and percent remaining), and of each kind at the key sparsities; and the error
+    barrier (mean over trials) of each round of the instability analysis. The per-round numbers are plot data
+    (`write_sparsity_csv`, `write_instability_csv`)."""
     ticket = agg.get("ticket", {})
     doc: dict[str, Any] = {}
     if 0 in ticket:
@@ -147,6 +149,8 @@ def metrics_document(agg: Aggregate) -> dict[str, Any]:
         at = {label: round(rounds[k][ACCURACY]["mean"], 4) for label, k in keys.items() if k in rounds}
         if at:
             doc[kind] = at
+    if instability:
+        doc["instability"] = {f"round_{k:02d}": round(e["error_barrier"]["mean"], 4) for k, e in instability.items()}
     return doc
 
 
@@ -242,4 +246,86 @@ def write_curves_csv(curves: list[dict[str, Any]], path: Path) -> None:
             for p in c["points"]:
                 w.writerow(
                     [c["panel"], c["kind"], c["label"], c["round"], p["iteration"], *_stat_cells(p["test_accuracy"])]
+                )
+
+
+# ------------------------------------------------------------------------------ the instability analysis
+
+INSTABILITY_METRICS = ("error_barrier", "error_a", "error_b")
+
+
+def collect_instability(runs: Path, rounds: list[int], trials: int) -> list[dict[str, Any]]:
+    """Each analysed trial's summary (instability.json) with its interpolation curve under `curve`, for the
+    rounds and trials of the current params (absent ones are skipped)."""
+    from lth.lottery.instability import INSTABILITY, SUMMARY_FILE, read_curve, read_summary
+
+    found = []
+    for k in sorted(rounds):
+        for t in range(trials):
+            directory = trial_dir(runs, INSTABILITY, k, t)
+            if (directory / SUMMARY_FILE).exists():
+                found.append({**read_summary(directory), "curve": read_curve(directory)})
+    return found
+
+
+def aggregate_instability(rows: list[dict[str, Any]]) -> Instability:
+    """round -> {percent_remaining, trials, error_barrier / error_a / error_b: stats over trials, curve: the
+    test error at each alpha, stats over trials}."""
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_round.setdefault(r["round"], []).append(r)
+    out: Instability = {}
+    for k, trials in sorted(by_round.items()):
+        points = zip(*(t["curve"] for t in trials), strict=False)  # the same alphas in every trial
+        out[k] = {
+            "percent_remaining": trials[0]["percent_remaining"],
+            "trials": len(trials),
+            **{m: stats([float(t[m]) for t in trials]) for m in INSTABILITY_METRICS},
+            "curve": [{"alpha": p[0]["alpha"], "test_error": stats([q["test_error"] for q in p])} for p in points],
+        }
+    return out
+
+
+def instability_label(k: int, entry: dict[str, Any]) -> str:
+    return f"round {k} ({entry['percent_remaining']:.3g}% remaining)"
+
+
+def write_instability_csv(inst: Instability, path: Path) -> None:
+    """One row per analysed round: percent remaining, trials, then the mean and band of the error barrier and
+    of the two ends' test errors (as the per-round table, so that the same plot template draws it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "kind",
+                "label",
+                "round",
+                "percent_remaining",
+                "trials",
+                *(c for m in INSTABILITY_METRICS for c in _stat_columns(m)),
+            ]
+        )
+        for k, e in inst.items():
+            cells = [c for m in INSTABILITY_METRICS for c in _stat_cells(e[m])]
+            w.writerow(["ticket", LABELS["ticket"], k, f"{e['percent_remaining']:.6g}", e["trials"], *cells])
+
+
+def write_interpolation_csv(inst: Instability, path: Path) -> None:
+    """The interpolation curves in long format, one line per analysed round (its label) in one panel."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["panel", "kind", "label", "round", "alpha", *_stat_columns("test_error")])
+        for k, e in inst.items():
+            for p in e["curve"]:
+                w.writerow(
+                    [
+                        "linear path",
+                        "ticket",
+                        instability_label(k, e),
+                        k,
+                        f"{p['alpha']:.6g}",
+                        *_stat_cells(p["test_error"]),
+                    ]
                 )

@@ -1,6 +1,6 @@
 """The paper's figures as PNG: accuracy and early-stopping iteration against sparsity, learning curves.
 
-Every line is the mean over trials with a shaded band around it (`aggregate.band`: min to max); colours and
+Every line is the mean over trials with a shaded band around it (`aggregate.band`: the 95% CI of the mean); colours and
 line styles are fixed per kind, so a kind looks the same in every figure.
 """
 
@@ -215,3 +215,41 @@ def masks_figure(layers: list[dict[str, Any]], overlaps: list[dict[str, Any]], t
     fig.suptitle(f"Masks of the winning ticket\n{title}".strip(), fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     return _save(fig, path, ["Lines: mean over trials (overlap across trials: over pairs of trials)."], 0.35)
+
+
+def instability_figure(inst: dict[int, dict[str, Any]], title: str, path: Path) -> Path:
+    """The instability analysis (`aggregate.aggregate_instability`): the error barrier against percent remaining,
+    and the test error along the linear path between the two copies of each analysed round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lth.reporting.aggregate import instability_label
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), dpi=120)
+    rounds = sorted(inst, key=lambda k: -inst[k]["percent_remaining"])
+    xs = [inst[k]["percent_remaining"] for k in rounds]
+    band_line(left, xs, [inst[k]["error_barrier"] for k in rounds], "ticket", LABELS["ticket"], marker="o", ms=4)
+    percent_axis(left, xs)
+    left.set_ylabel("error barrier (test error)")
+    colours = plt.get_cmap("viridis")
+    for i, k in enumerate(rounds):
+        colour = colours(i / max(1, len(rounds) - 1))
+        alphas = [p["alpha"] for p in inst[k]["curve"]]
+        low, high = zip(*(band(p["test_error"]) for p in inst[k]["curve"]), strict=True)
+        right.fill_between(alphas, low, high, color=colour, alpha=0.18, linewidth=0)
+        means = [p["test_error"]["mean"] for p in inst[k]["curve"]]
+        right.plot(alphas, means, color=colour, marker="o", ms=2, label=instability_label(k, inst[k]))
+    right.set(xlabel="alpha: (1 - alpha) x the round's network + alpha x its copy", ylabel="test error")
+    for ax in (left, right):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    heading = "Instability: linear interpolation between two copies trained with other data orders"
+    fig.suptitle(f"{heading}\n{title}".strip(), fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    notes = [
+        f"Lines: mean over trials; shaded: {BAND}.",
+        "Error barrier: the highest test error along the path minus the mean of its two ends' (Frankle et al. 2020).",
+    ]
+    return _save(fig, path, notes, 0.5)

@@ -41,6 +41,8 @@ FIGURES = (
     ),
 )
 
+STAGES = {"masks.png": "masks"}  # the stage that draws a figure, when it is not the evaluate stage
+
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto; max-width: 1100px;
        color: #222; padding: 0 1em; }
@@ -137,13 +139,48 @@ def hparams_table(hp: Hparams) -> str:
     return f'<table id="hparams"><tr><th>key</th><th>value</th></tr>{rows}</table>'
 
 
-def figure(path: Path, caption: str) -> str:
+def figure(path: Path, caption: str, stage: str = "evaluate") -> str:
     if not path.exists():
-        return f'<p class="missing">{html.escape(path.name)} is missing: run the evaluate stage (`dvc repro`).</p>'
+        return f'<p class="missing">{html.escape(path.name)} is missing: run the {stage} stage (`dvc repro`).</p>'
     data = base64.b64encode(path.read_bytes()).decode()
     return (
         f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+INSTABILITY_CAPTION = (
+    "Left: the error barrier against the percent of weights remaining. Right: the test error along the linear "
+    "path from the round's network (alpha 0) to its copy (alpha 1). Lines are means; shaded bands span " + BAND + "."
+)
+
+
+def instability_section(inst: dict[int, dict[str, Any]], figures_dir: Path) -> str:
+    """The instability analysis: what it measures, a table per analysed round (mean [95% CI] over trials) and
+    the figure; nothing when no round is analysed."""
+    if not inst:
+        return ""
+    head = (
+        "<tr><th>round</th><th>% weights remaining</th><th>trials</th><th>error barrier</th>"
+        "<th>test error of the round's network</th><th>test error of its copy</th></tr>"
+    )
+    rows = "".join(
+        f"<tr><td>{k}</td><td>{e['percent_remaining']:.2f}</td><td>{e['trials']}</td>"
+        + "".join(_cell(e, m, "{:.4f}") for m in ("error_barrier", "error_a", "error_b"))
+        + "</tr>"
+        for k, e in sorted(inst.items())
+    )
+    how = (
+        "Each analysed round's network (copy A) is compared with a copy trained again from the same starting "
+        "point (its rewind weights and mask) with another data order (copy B); the test error is evaluated along "
+        "(1 - alpha) A + alpha B. The error barrier is the highest test error along the path minus the mean of "
+        "the two ends' (Frankle et al. 2020, Linear Mode Connectivity and the Lottery Ticket Hypothesis): about 0 "
+        "means the round is stable (linearly mode connected). In brackets: the 95% confidence interval of the "
+        "mean over trials."
+    )
+    return (
+        f'<h2>Instability</h2><table id="instability">{head}{rows}</table><p class="note">{html.escape(how)}</p>'
+        + figure(Path(figures_dir) / "instability.png", INSTABILITY_CAPTION, "evaluate")
     )
 
 
@@ -180,8 +217,9 @@ def render(
     figures_dir: Path,
     mlflow_url: str | None = None,
     claims: list[Claim] | None = None,
+    instability: dict[int, dict[str, Any]] | None = None,
 ) -> str:
-    figs = "".join(figure(Path(figures_dir) / name, caption) for name, caption in FIGURES)
+    figs = "".join(figure(Path(figures_dir) / name, caption, STAGES.get(name, "evaluate")) for name, caption in FIGURES)
     title = html.escape(hp.short_name)
     described = "<br>".join(html.escape(line) for line in describe(hp).splitlines())
     return f"""<!DOCTYPE html>
@@ -197,6 +235,7 @@ def render(
 {claims_table(claims or [])}
 <h2>Figures</h2>
 {figs}
+{instability_section(instability or {}, figures_dir)}
 <h2>Hyperparameters</h2>
 {hparams_table(hp)}
 <p class="meta canonical">Canonical form (hashed): <code>{html.escape(hp.canonical())}</code></p>
@@ -227,10 +266,12 @@ def write(
     out: Path,
     mlflow_url: str | None = None,
     claims: list[Claim] | None = None,
+    instability: dict[int, dict[str, Any]] | None = None,
 ) -> Path:
     """Write the report to `out`; `mlflow_url`: the experiment's page in the MLflow UI, when known
-    (`lth.tracking.store.experiment_url`); `claims`: the claims table (`lth.reporting.statistics.claims`)."""
-    page = render(hp, agg, figures_dir, mlflow_url, claims)
+    (`lth.tracking.store.experiment_url`); `claims`: the claims table (`lth.reporting.statistics.claims`);
+    `instability`: the instability analysis (`lth.reporting.aggregate.aggregate_instability`)."""
+    page = render(hp, agg, figures_dir, mlflow_url, claims, instability)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(page)
@@ -267,4 +308,6 @@ def from_workspace(hp: Hparams, runs: Path, results: Path, out: Path | None = No
     from lth.tracking.store import experiment_url
 
     agg = report.aggregate(rows)
-    return write(hp, agg, results / "figures", out or results / "report.html", experiment_url(hp), claims(rows))
+    found = [r for r in report.collect_instability(runs, hp.instability.rounds, hp.trials) if r.get("hash") == hp.hash]
+    inst = report.aggregate_instability(found)
+    return write(hp, agg, results / "figures", out or results / "report.html", experiment_url(hp), claims(rows), inst)

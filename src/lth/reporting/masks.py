@@ -93,8 +93,31 @@ def layer_rows(masks: Masks) -> list[dict[str, Any]]:
     ]
 
 
+def trajectory_rows(masks: Masks) -> list[dict[str, Any]]:
+    """One row (trial, round, metric, value) per point that MLflow charts against the round on the trial's ticket
+    trajectory: each layer's percent remaining (`layer_percent_remaining/<layer>`), the Jaccard index with the
+    trial's previous round (`jaccard_previous_round`) and with a random mask of its sparsity (`jaccard_random`:
+    the random-pruning control's, or the expectation), and the round's mean across trial pairs
+    (`jaccard_across_trials`, the same in every trial)."""
+    across = {row["round"]: row["across_trials"] for row in overlap_rows(masks)}
+    points: list[tuple[int, int, str, float]] = []
+    for (kind, k, t), mask in sorted(masks.items()):
+        if kind != "ticket":
+            continue
+        points += [(t, k, f"layer_percent_remaining/{layer}", p) for layer, p in layer_percent(mask).items()]
+        if k == 0:
+            continue
+        previous, random = masks.get(("ticket", k - 1, t)), masks.get(("random_pruning", k, t))
+        if previous is not None:
+            points.append((t, k, "jaccard_previous_round", jaccard(mask, previous)))
+        points.append((t, k, "jaccard_random", jaccard(mask, random) if random is not None else random_jaccard(mask)))
+        if across[k] is not None:
+            points.append((t, k, "jaccard_across_trials", across[k]))
+    return [{"trial": t, "round": k, "metric": name, "value": value} for t, k, name, value in points]
+
+
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """Plot data of the analysis (results/plots/mask_*.csv)."""
+    """Plot data of the analysis (results/plots/mask_*.csv); numbers as Python writes them (exact)."""
     import csv
 
     path.parent.mkdir(parents=True, exist_ok=True)

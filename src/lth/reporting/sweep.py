@@ -47,37 +47,46 @@ def exp_show(repo: Path = Path("."), all_commits: bool = False) -> list[dict[str
     if proc.returncode != 0:
         raise SweepError(
             f"`dvc exp show --json` failed in {Path(repo).resolve()}: {proc.stderr.strip()}\n"
-            "Run `lth sweep` from the project root (a git + DVC repo)."
+            "Run `lth sweep report` from the project root (a git + DVC repo)."
         )
     return json.loads(proc.stdout or "[]")
+
+
+def read_at(path: str, rev: str, repo: Path = Path(".")) -> str | None:
+    """The text of the file `path` of the experiment at commit `rev` (git- or DVC-tracked), or None without it."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    try:
+        return dvc.api.read(path, repo=str(repo), rev=rev)
+    except (DvcException, OSError, KeyError):
+        return None
 
 
 def read_rounds(rev: str, repo: Path = Path(".")) -> list[dict[str, Any]]:
     """The per-round table of the experiment at commit `rev`, or [] when it has none (its evaluate stage
     has not run, or wrote the older per-round metrics)."""
-    import dvc.api
-    from dvc.exceptions import DvcException
-
     try:
-        return read_sparsity_csv(dvc.api.read(ROUNDS_FILE, repo=str(repo), rev=rev))
-    except (DvcException, OSError, KeyError, ValueError):
+        return read_sparsity_csv(read_at(ROUNDS_FILE, rev, repo) or "")
+    except (KeyError, ValueError):
         return []
 
 
-def _experiment(entry: dict[str, Any], name: str) -> Experiment | None:
+def _experiment(entry: dict[str, Any], name: str, repo: Path = Path(".")) -> Experiment | None:
     data = entry.get("data") or {}
     doc = (data.get("metrics") or {}).get(METRICS_FILE, {}).get("data")
     params = (data.get("params") or {}).get("params.yaml", {}).get("data")
-    rounds = read_rounds(entry["rev"]) if doc and params and entry.get("rev") else []
+    rounds = read_rounds(entry["rev"], repo) if doc and params and entry.get("rev") else []
     if not rounds:
         return None
     flat = {k: v for k, v in flatten(params).items() if k.split(".")[0] not in RUNTIME_SECTIONS}
     return Experiment(name, entry["rev"], flat, rounds)
 
 
-def experiments(show: list[dict[str, Any]]) -> tuple[list[Experiment], list[str]]:
-    """(experiments with results, names of those without: queued, failed or not evaluated). Baseline commits
-    count as experiments; the workspace does not (it repeats the last experiment applied to it)."""
+def experiments(show: list[dict[str, Any]], repo: Path = Path(".")) -> tuple[list[Experiment], list[str]]:
+    """(experiments with results, names of those without: queued, failed or not evaluated), of `show`, the
+    `dvc exp show` of the repo at `repo`, which holds their per-round tables. Baseline commits count as
+    experiments; the workspace does not (it repeats the last experiment applied to it)."""
     found, skipped = [], []
     for baseline in show:
         if baseline.get("rev") == "workspace":
@@ -87,7 +96,7 @@ def experiments(show: list[dict[str, Any]]) -> tuple[list[Experiment], list[str]
             for rev in group.get("revs") or []:
                 entries.append((rev, rev.get("name") or rev.get("rev", "")[:7]))
         for entry, name in entries:
-            exp = _experiment(entry, name)
+            exp = _experiment(entry, name, repo)
             if exp is None:
                 skipped.append(name)
             else:
@@ -139,6 +148,17 @@ def label(exp: Experiment, keys: list[str]) -> str:
     return ", ".join(f"{k}={exp.params.get(k)}" for k in keys) or exp.name
 
 
+def ordered(exps: list[Experiment], keys: list[str]) -> list[Experiment]:
+    """The experiments by their values of `keys` (numbers by value, then other values by their JSON)."""
+    return sorted(
+        exps,
+        key=lambda e: [
+            (0, v, "") if isinstance(v, (int, float)) else (1, 0, json.dumps(v))
+            for v in (e.params.get(k) for k in keys)
+        ],
+    )
+
+
 def plot(exps: list[Experiment], keys: list[str], path: Path, kind: str = "ticket") -> Path:
     """Test accuracy at early stop against percent remaining, one curve per experiment (value of `keys`)."""
     import matplotlib
@@ -147,14 +167,7 @@ def plot(exps: list[Experiment], keys: list[str], path: Path, kind: str = "ticke
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    ordered = sorted(
-        exps,
-        key=lambda e: [
-            (0, v, "") if isinstance(v, (int, float)) else (1, 0, json.dumps(v))
-            for v in (e.params.get(k) for k in keys)
-        ],
-    )
-    for e in ordered:
+    for e in ordered(exps, keys):
         rounds = sorted((r for r in e.rounds if r["kind"] == kind), key=lambda m: -m["percent_remaining"])
         ax.plot(
             [m["percent_remaining"] for m in rounds],
@@ -209,11 +222,11 @@ def sweep(
             write()
         except OSError as e:
             raise SweepError(f"cannot write {path} ({e.strerror or e}); choose a writable --out.") from None
-    return format_table(table), csv_path, png_path, skipped
+    return format_table(table) + instability_sweep(exps, keys, csv_path, force), csv_path, png_path, skipped
 
 
 def is_sweep_table(path: Path) -> bool:
-    """Whether `path` is a CSV written by `lth sweep` (its header starts with the experiment and its revision)."""
+    """Whether `path` is a CSV written by `lth sweep report` (its header starts with the experiment and its rev)."""
     try:
         with open(path, "rb") as f:
             return path.is_file() and f.read(15) == b"experiment,rev,"
@@ -226,7 +239,83 @@ def check_out(csv_path: Path, png_path: Path, force: bool = False) -> None:
     if force or not (csv_path.exists() or png_path.exists()) or is_sweep_table(csv_path):
         return
     if csv_path.exists():
-        problem = f"{csv_path} exists and is not a table written by `lth sweep`"
+        problem = f"{csv_path} exists and is not a table written by `lth sweep report`"
     else:
-        problem = f"{png_path} exists, without the table {csv_path} that `lth sweep` writes beside its figure"
+        problem = f"{png_path} exists, without the table {csv_path} that `lth sweep report` writes beside its figure"
     raise SweepError(f"{problem}; choose another --out, or pass --force to replace it.")
+
+
+# ---------------------------------------------------------------------- the instability analysis, if it ran
+
+INSTABILITY_FILE = "results/plots/instability.csv"  # per analysed round (aggregate.write_instability_csv)
+BARRIER = ("error_barrier", "error_barrier_low", "error_barrier_high")
+
+
+def instability_rows(exps: list[Experiment], keys: list[str], repo: Path = Path(".")) -> list[dict[str, Any]]:
+    """One row per experiment and analysed round: the swept values, the round, its percent remaining and the
+    error barrier (mean over trials and band); [] when no experiment ran the instability analysis."""
+    out = []
+    for e in ordered(exps, keys):
+        if not e.params.get("instability.rounds"):  # not analysed: no file to read
+            continue
+        for r in csv.DictReader((read_at(INSTABILITY_FILE, e.rev, repo) or "").splitlines()):
+            out.append(
+                {
+                    "experiment": e.name,
+                    "rev": e.rev[:7],
+                    **{k: e.params.get(k) for k in keys},
+                    "round": int(r["round"]),
+                    **{c: float(r[c]) for c in ("percent_remaining", *BARRIER)},
+                }
+            )
+    return out
+
+
+def plot_instability(table: list[dict[str, Any]], keys: list[str], path: Path) -> Path:
+    """The error barrier against the swept hyperparameter, one line per analysed round with its band shaded:
+    sweeping `pruning.rewind_iteration`, the instability against the rewind iteration (Frankle et al. 2020)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = list(dict.fromkeys(tuple(json.dumps(r[k]) for k in keys) for r in table))
+    numeric = len(keys) == 1 and all(isinstance(r[keys[0]], (int, float)) for r in table)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for i, k in enumerate(sorted({r["round"] for r in table})):
+        points = [r for r in table if r["round"] == k]
+        xs = [r[keys[0]] if numeric else values.index(tuple(json.dumps(r[key]) for key in keys)) for r in points]
+        low, mean, high = ([r[c] for r in points] for c in ("error_barrier_low", "error_barrier", "error_barrier_high"))
+        ax.fill_between(xs, low, high, color=f"C{i}", alpha=0.18, linewidth=0)
+        remaining = f"{points[0]['percent_remaining']:.3g}% remaining"
+        ax.plot(xs, mean, "o-", color=f"C{i}", markersize=3, label=f"round {k} ({remaining})")
+    if not numeric:
+        ax.set_xticks(range(len(values)), [", ".join(v) for v in values], rotation=20, fontsize=7)
+    ax.set_xlabel(", ".join(keys) or "experiment")
+    ax.set_ylabel("error barrier (test error)")
+    ax.set_title("Instability: the test-error barrier between two copies trained with other data orders", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def instability_sweep(exps: list[Experiment], keys: list[str], csv_path: Path, force: bool = False) -> str:
+    """When experiments ran the instability analysis: <out>_instability.csv and .png beside the sweep's table
+    (`csv_path`); returns what to print about them ("" when none did)."""
+    table = instability_rows(exps, keys)
+    if not table:
+        return ""
+    table_path = csv_path.with_name(f"{csv_path.stem}_instability.csv")
+    png_path = table_path.with_suffix(".png")
+    check_out(table_path, png_path, force)
+    try:
+        write_csv(table, table_path)
+        plot_instability(table, keys, png_path)
+    except OSError as e:
+        raise SweepError(f"cannot write {table_path.parent} ({e.strerror or e}); choose a writable --out.") from None
+    swept = ", ".join(keys) or "experiment"
+    return f"\n\nerror barrier (instability) against {swept}:\n{format_table(table)}\nwrote {table_path} and {png_path}"

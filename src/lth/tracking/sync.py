@@ -20,7 +20,7 @@ from lth.core.hparams import Hparams
 from lth.lottery.layout import OUTPUT_FILES
 from lth.pipeline.workspace import RESULTS_DIR
 from lth.tracking.store import Tracker, warn
-from lth.tracking.writer import MaskMismatch, log_results, log_trial
+from lth.tracking.writer import MaskMismatch, log_missing_instability, log_results, log_trial
 
 
 @dataclass
@@ -76,6 +76,8 @@ def sync(hp: Hparams, runs: Path, tracker: Tracker | None = None, echo: Callable
             continue
         done.append(t.label)
         echo(f"lth: logged {t.label} ({t.path})")
+    for directory in log_missing_instability(tracker, hp, runs):  # the instability stages' runs
+        echo(f"lth: logged the instability analysis in {directory}")
     already = len(trained) - len(done) - len(skipped)
     echo(
         f"lth: {len(trained)} trained network(s) of {hp.short_name} on disk, {already} were already in MLflow, "

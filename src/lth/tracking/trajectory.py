@@ -101,10 +101,18 @@ def finish_round(tracker: Tracker, hp: Hparams, experiment: str, run_id: str, m:
     client = tracker.client
     with tracker.lock():
         parent = _parents(tracker, hp, experiment, m["kind"], m["trial"])[0].info
-        values = {k: float(m[k]) for k in CURVE_METRICS if k in m}
+        done = charted(tracker, parent.run_id, m["round"])
+        values = {k: float(m[k]) for k in CURVE_METRICS if k in m and k not in done}
         points = [Metric(k, v, end, m["round"]) for k, v in values.items() if not math.isnan(v)]
         retry(lambda: client.log_batch(parent.run_id, metrics=points))
         # The round counts as logged once finished (`lth sync-mlflow` skips it): after its point on the curve.
         retry(lambda: client.set_terminated(run_id, "FINISHED", end_time=end))
         if parent.status != "FINISHED" or (parent.end_time or 0) < end:
             retry(lambda: client.set_terminated(parent.run_id, "FINISHED", end_time=max(end, parent.end_time or 0)))
+
+
+def charted(tracker: Tracker, parent: str, round_index: int) -> set[str]:
+    """The curve metrics that the parent already has a point of at this round (a run of the round whose logging
+    broke off after charting it, now logged again): charted once."""
+    history = {k: retry(lambda k=k: tracker.client.get_metric_history(parent, k)) for k in CURVE_METRICS}
+    return {k for k, points in history.items() if any(p.step == round_index for p in points)}
