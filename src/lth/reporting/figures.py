@@ -7,6 +7,7 @@ line styles are fixed per kind, so a kind looks the same in every figure.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,14 +67,16 @@ def band_line(ax: Axes, xs: list[float], values: list[dict[str, float]], kind: s
     ax.plot(xs, [v["mean"] for v in values], linestyle=kw.pop("linestyle", style), color=colour, label=label, **kw)
 
 
-def _save(fig: Figure, path: Path, notes: list[str], top: float = 0.0) -> Path:
+def save_figure(fig: Figure, path: Path, notes: Sequence[str] = (), top: float = 0.0) -> Path:
     """Lay out the axes between `top` inches kept free at the top (a figure title and legend) and the notes
-    (what lines and bands are) at the bottom, then write the PNG."""
+    (what lines and bands are) at the bottom, then write the PNG (and its folder)."""
     import matplotlib.pyplot as plt
 
     height = fig.get_figheight()
-    fig.text(0.01, 0.06 / height, "\n".join(notes), fontsize=7, color="0.3", va="bottom")
-    fig.tight_layout(rect=(0, (0.12 + 0.13 * len(notes)) / height, 1, 1 - top / height))
+    if notes:
+        fig.text(0.01, 0.06 / height, "\n".join(notes), fontsize=7, color="0.3", va="bottom")
+    fig.tight_layout(rect=(0, (0.12 + 0.13 * len(notes)) / height if notes else 0, 1, 1 - top / height))
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -112,7 +115,7 @@ def _sparsity_figure(agg: Aggregate, what: str, metrics: list, ylabel: str, titl
     ax.set_title(f"{what}\n{title}".strip(), fontsize=9)
     notes = [f"Lines: mean over trials; shaded: {BAND}."]
     notes += [f"At 100% every control is {DENSE_NOTE}."] * any(kind != "ticket" for kind in agg)
-    return _save(fig, path, notes)
+    return save_figure(fig, path, notes)
 
 
 def zoom(curves: list[dict[str, Any]]) -> tuple[float, float] | None:
@@ -168,7 +171,7 @@ def _curves_figure(curves: list[dict[str, Any]], title: str, path: Path) -> Path
     if limits:
         axes[0, 0].set_ylim(*limits)  # shared by every panel
         notes.append(f"The y axis is zoomed to the curves after the first {ZOOM_FROM:.0%} of training.")
-    return _save(fig, path, notes, 0.1)
+    return save_figure(fig, path, notes, 0.1)
 
 
 def plot_figures(agg: Aggregate, curves: list[dict[str, Any]], out: Path, title: str = "") -> list[Path]:
@@ -214,7 +217,7 @@ def masks_figure(layers: list[dict[str, Any]], overlaps: list[dict[str, Any]], t
         ax.grid(True, alpha=0.3)
     fig.suptitle(f"Masks of the winning ticket\n{title}".strip(), fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _save(fig, path, ["Lines: mean over trials (overlap across trials: over pairs of trials)."], 0.35)
+    return save_figure(fig, path, ["Lines: mean over trials (overlap across trials: over pairs of trials)."], 0.35)
 
 
 def instability_figure(inst: dict[int, dict[str, Any]], title: str, path: Path) -> Path:
@@ -252,4 +255,4 @@ def instability_figure(inst: dict[int, dict[str, Any]], title: str, path: Path) 
         f"Lines: mean over trials; shaded: {BAND}.",
         "Error barrier: the highest test error along the path minus the mean of its two ends' (Frankle et al. 2020).",
     ]
-    return _save(fig, path, notes, 0.5)
+    return save_figure(fig, path, notes, 0.5)

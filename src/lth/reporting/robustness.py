@@ -219,7 +219,7 @@ def figure(points: list[GridPoint], keys: list[str]) -> Figure:
 
 def plot(points: list[GridPoint], keys: list[str], path: Path) -> Path:
     """The small multiples (`figure`) as PNG, with notes on what lines, bands and marks are."""
-    from lth.reporting.figures import _save
+    from lth.reporting.figures import save_figure
 
     fig = figure(points, keys)
     order = "; ".join(f"{i + 1}. {name}" for i, name in enumerate(CLAIMS))
@@ -230,7 +230,7 @@ def plot(points: list[GridPoint], keys: list[str], path: Path) -> Path:
     ]
     width = int(15 * fig.get_figwidth())  # characters of the notes' font that fit across the figure
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _save(fig, path, [line for note in notes for line in textwrap.wrap(note, width)], TOP)
+    return save_figure(fig, path, [line for note in notes for line in textwrap.wrap(note, width)], TOP)
 
 
 def outputs(out: Path) -> tuple[Path, Path]:

@@ -21,7 +21,7 @@ from lth.core.config import RUNTIME_SECTIONS
 from lth.core.hparams import flatten
 from lth.lottery.layout import KINDS
 from lth.reporting.aggregate import read_sparsity_csv
-from lth.reporting.figures import percent_axis
+from lth.reporting.figures import percent_axis, save_figure
 
 METRICS_FILE = "results/metrics.json"
 ROUNDS_FILE = "results/plots/sparsity.csv"  # the per-round table (aggregate.write_sparsity_csv)
@@ -181,11 +181,7 @@ def plot(exps: list[Experiment], keys: list[str], path: Path, kind: str = "ticke
     ax.set_title(f"Sweep over {', '.join(keys)}" if keys else "Experiments")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def sweep(
@@ -296,11 +292,7 @@ def plot_instability(table: list[dict[str, Any]], keys: list[str], path: Path) -
     ax.set_title("Instability: the test-error barrier between two copies trained with other data orders", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def instability_sweep(exps: list[Experiment], keys: list[str], csv_path: Path, force: bool = False) -> str:
