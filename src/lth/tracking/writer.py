@@ -93,17 +93,27 @@ def finished_round(tracker: Tracker, experiment: str, round_hash: str) -> str | 
 def run_tags(hp: Hparams, m: dict[str, Any], info: dict[str, Any]) -> dict[str, str]:
     """A trained network's tags: its identity, where it comes from (stage, script, commit) and how it ran."""
     kind, round_index, trial = m["kind"], m["round"], m["trial"]
+    return {
+        TAG_ROUND_HASH: hp.round_hash(round_index, trial, kind),
+        "lth.kind": kind,
+        "lth.mask_md5": m["mask_md5"],
+        **provenance_tags(hp, round_index, trial, info, kind, SOURCE),
+    }
+
+
+def provenance_tags(
+    hp: Hparams, round_index: int, trial: int, info: dict[str, Any], stage_kind: str, source: str
+) -> dict[str, str]:
+    """The tags every run of a trial carries: experiment, round and trial, the DVC stage and script that made
+    it, its commit and its numeric environment (run.json's `info`)."""
     tags = {
         TAG_HASH: hp.hash,
-        TAG_ROUND_HASH: hp.round_hash(round_index, trial, kind),
         "lth.round": str(round_index),
-        "lth.kind": kind,
         "lth.trial": str(trial),
         "lth.model": hp.model.name,
-        "lth.mask_md5": m["mask_md5"],
-        "lth.dvc.stage": stage_name(kind, round_index),
-        "mlflow.runName": f"{kind}-round{round_index:02d}-trial{trial}",
-        "mlflow.source.name": SOURCE,
+        "lth.dvc.stage": stage_name(stage_kind, round_index),
+        "mlflow.runName": f"{stage_kind}-round{round_index:02d}-trial{trial}",
+        "mlflow.source.name": source,
         "mlflow.source.type": "LOCAL",
         **{f"lth.env.{k}": str(v) for k, v in info.get("environment", {}).items()},
     }
@@ -227,21 +237,10 @@ def _instability_runs(tracker: Tracker, hp: Hparams, experiment: str, round_inde
 def _instability_tags(hp: Hparams, round_index: int, trial: int, info: dict[str, Any]) -> dict[str, str]:
     """An instability run's tags: what it analyses, where it comes from and how it ran (no round hash: it is no
     trained network of the experiment, which `lth sync-mlflow` and `lth compare` count)."""
-    tags = {
-        TAG_HASH: hp.hash,
+    return {
         "lth.analysis": "instability",
-        "lth.round": str(round_index),
-        "lth.trial": str(trial),
-        "lth.model": hp.model.name,
-        "lth.dvc.stage": stage_name("instability", round_index),
-        "mlflow.runName": f"instability-round{round_index:02d}-trial{trial}",
-        "mlflow.source.name": INSTABILITY_SOURCE,
-        "mlflow.source.type": "LOCAL",
-        **{f"lth.env.{k}": str(v) for k, v in info.get("environment", {}).items()},
+        **provenance_tags(hp, round_index, trial, info, "instability", INSTABILITY_SOURCE),
     }
-    if info.get("git_commit"):
-        tags["mlflow.source.git.commit"] = info["git_commit"]
-    return tags
 
 
 def log_instability(tracker: Tracker, hp: Hparams, directory: Path) -> str:
