@@ -49,6 +49,11 @@ def test_instability_params_are_checked_and_never_change_the_hash() -> None:
     assert analysed.round_hash(1, 0) == config.from_dict(base).round_hash(1, 0)
     names = render.stage_names(analysed)
     assert names[-4:] == ["instability_round_00", "instability_round_02", "masks", "evaluate"]
+    assert render.describe_stages(analysed) == "prepare, 3 ticket rounds, instability of rounds 0, 2, masks, evaluate"
+    controlled = config.from_dict({**base, "controls": {"random_reinit": True, "random_pruning": True}})
+    assert render.describe_stages(controlled) == (
+        "prepare, 3 ticket rounds, 2 reinit rounds, 2 random_pruning rounds, masks, evaluate"
+    )
     with pytest.raises(config.HparamsError, match=r"instability.rounds: \[3\] not among the experiment's rounds"):
         config.from_dict({**base, "instability": {"rounds": [1, 3]}})
     with pytest.raises(config.HparamsError, match="instability.rounds: \\[1\\] listed more than once"):

@@ -134,12 +134,7 @@ def pipeline_cmd(params_path: str) -> None:
     refuse_while_dvc_runs()
     with user_errors():
         changed = render.write(hp)
-    n = hp.pruning.rounds
-    click.echo(
-        f"dvc.yaml {'updated' if changed else 'already up to date'}: prepare, {n + 1} ticket rounds"
-        f"{', controls: ' + ', '.join(render.control_kinds(hp)) if render.control_kinds(hp) else ''}"
-        ", evaluate"
-    )
+    click.echo(f"dvc.yaml {'updated' if changed else 'already up to date'}: {render.describe_stages(hp)}")
 
 
 def write_params_and_pipeline(params_path: str, overrides: tuple[str, ...]) -> Hparams:

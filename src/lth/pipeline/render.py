@@ -238,6 +238,16 @@ def stage_names(hp: Hparams) -> list[str]:
     return [*names, "masks", "evaluate"]
 
 
+def describe_stages(hp: Hparams) -> str:
+    """The stages in words, for `lth pipeline`: prepare, the ticket rounds, the controls, the analysed rounds,
+    masks, evaluate."""
+    n = hp.pruning.rounds
+    parts = ["prepare", f"{n + 1} ticket rounds", *(f"{n} {kind} rounds" for kind in control_kinds(hp))]
+    if hp.instability.rounds:
+        parts.append(f"instability of rounds {', '.join(map(str, sorted(hp.instability.rounds)))}")
+    return ", ".join([*parts, "masks", "evaluate"])
+
+
 def describe_structure(hp: Hparams) -> str:
     """What shapes the stages, for messages: rounds, controls and the analysed rounds."""
     analysed = f", instability.rounds={sorted(hp.instability.rounds)}" if hp.instability.rounds else ""
