@@ -226,18 +226,25 @@ def project(make_project: Callable[..., Project], lenet_params: ParamsFn) -> Pro
     return make_project(lenet_params())
 
 
-TrainedProjects = Callable[[dict[str, Any], tuple[str, ...]], Project]
+TrainedProjects = Callable[..., Project]
+Training = tuple[dict[str, Any], tuple[str, ...]]  # (params, command)
 
 
 @pytest.fixture(scope="session")
 def trained_projects(tmp_path_factory: pytest.TempPathFactory) -> TrainedProjects:
-    """Projects trained once per session, by (params, command); only ever copied, never handed out."""
+    """Projects trained once per session, by (params, command), optionally in a copy of a project trained
+    before (`after`: its (params, command)); only ever copied, never handed out."""
     made: dict[str, Project] = {}
 
-    def get(params: dict[str, Any], command: tuple[str, ...]) -> Project:
-        key = json.dumps([params, command], sort_keys=True)
+    def get(params: dict[str, Any], command: tuple[str, ...], after: Training | None = None) -> Project:
+        key = json.dumps([params, command, after], sort_keys=True)
         if key not in made:
-            project = create_project(tmp_path_factory.mktemp("trained") / "project", params)
+            dest = tmp_path_factory.mktemp("trained") / "project"
+            if after is None:
+                project = create_project(dest, params)
+            else:
+                project = copy_project(get(*after).root, dest)
+                write_params(dest / "params.yaml", params)
             done = project.python("-m", *command)
             project.output = done.stdout + done.stderr
             made[key] = project
@@ -248,16 +255,27 @@ def trained_projects(tmp_path_factory: pytest.TempPathFactory) -> TrainedProject
 
 @pytest.fixture
 def trained_project(trained_projects: TrainedProjects, tmp_path: Path) -> Callable[..., Project]:
-    """Factory: trained_project(params, command=("dvc", "repro")) is this test's own copy of a project with
-    `params` after `python -m <command>` ran in it (its output in `.output`). The training runs once per
-    session for each (params, command); every test gets an independent copy, which it may change freely."""
+    """Factory: trained_project(params, command=("dvc", "repro"), after=None) is this test's own copy of a
+    project with `params` after `python -m <command>` ran in it (its output in `.output`); with `after`
+    (params, command), in a copy of that trained project. The training runs once per session for each
+    (params, command, after); every test gets an independent copy, which it may change freely."""
     counter = itertools.count()
 
-    def make(params: dict[str, Any], command: tuple[str, ...] = ("dvc", "repro")) -> Project:
-        trained = trained_projects(params, command)
+    def make(params: dict[str, Any], command: tuple[str, ...] = ("dvc", "repro"), after: Training | None = None):
+        trained = trained_projects(params, command, after)
         return copy_project(trained.root, tmp_path / f"trained{next(counter)}", trained.output)
 
     return make
+
+
+@pytest.fixture
+def xor_with_reinit(trained_project: Callable[..., Project], xor_params: ParamsFn) -> Callable[[], Project]:
+    """Factory: a copy of XOR rounds 0-1 with the random-reinitialization control, trained the way a user adds
+    a control: the plain XOR project (`dvc repro`, shared), then `controls.random_reinit: true` and
+    `lth run -j 1`, which trains only the control's round (its output in `.output`)."""
+    return lambda: trained_project(
+        xor_params({"controls.random_reinit": True}), ("lth.cli", "run", "-j", "1"), (xor_params(), ("dvc", "repro"))
+    )
 
 
 @pytest.fixture

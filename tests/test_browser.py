@@ -3,8 +3,11 @@ headless Chromium (Debian's `chromium`, driven by playwright; scripts/install-sy
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -31,30 +34,41 @@ def browser() -> Iterator[object]:
 
 
 @pytest.fixture
-def project(trained_project: Callable[..., Project], xor_params) -> Project:
-    """XOR, rounds 0-1, with the random-reinitialization control, trained by `dvc repro` (shared per session)."""
-    return trained_project(xor_params({"controls.random_reinit": True}))
+def project(xor_with_reinit: Callable[[], Project]) -> Project:
+    """XOR, rounds 0-1, with the random-reinitialization control (shared per session)."""
+    return xor_with_reinit()
 
 
-def serve_ui(project: Project, port: int) -> subprocess.Popen:
-    """`lth ui` on the project's store, once it answers."""
+@contextlib.contextmanager
+def serve_ui(project: Project, port: int) -> Iterator[list[str]]:
+    """`lth ui` on the project's store, once it answers /health; stopped (its whole process group) on exit.
+    Yields a list that holds the command's output once it stopped."""
     ui = subprocess.Popen(
         [sys.executable, "-m", "lth.cli", "ui", "--port", str(port)],
         cwd=project.root,
         env=project.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return ui
-        except OSError:
-            assert ui.poll() is None, "lth ui exited"
-            time.sleep(0.5)
-    ui.kill()
-    raise AssertionError("lth ui did not answer within 120 s")
+    output: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert "OK" in r.read().decode()
+                break
+            except OSError:
+                assert ui.poll() is None, "lth ui exited: " + ui.stdout.read()
+                assert time.monotonic() < deadline, "lth ui did not answer within 120 s"
+                time.sleep(0.5)
+        yield output
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
+        output.append(ui.stdout.read())
 
 
 def test_mlflow_ui_shows_trajectories_with_their_rounds_nested(project: Project, browser, free_port: int) -> None:
@@ -64,8 +78,7 @@ def test_mlflow_ui_shows_trajectories_with_their_rounds_nested(project: Project,
     hp = load(project.root / "params.yaml")
     url = experiment_url(hp, project.tracking_uri)
     assert url is not None and "workflowType=machine_learning" in url  # opens on training runs, not GenAI
-    ui = serve_ui(project, free_port)
-    try:
+    with serve_ui(project, free_port) as output:
         page = browser
         page.goto(re.sub(r"//[^/]+/", f"//127.0.0.1:{free_port}/", url, count=1))
         page.wait_for_selector("text=ticket-trial0", timeout=90_000)
@@ -78,9 +91,8 @@ def test_mlflow_ui_shows_trajectories_with_their_rounds_nested(project: Project,
         durations = re.findall(r"\b\d+(?:\.\d+)?(?:ms|s|min)\b", shown)
         assert len(durations) >= 4, durations  # two parents and the two rounds shown
         assert not [d for d in durations if d.endswith("ms")], durations  # runs span training: not milliseconds
-    finally:
-        ui.terminate()
-        ui.wait(timeout=30)
+    assert f"http://127.0.0.1:{free_port}" in output[0]  # `lth ui` says where to look
+    assert not (project.root / "mlruns").exists()  # it serves the project's store, not a new ./mlruns
 
 
 def test_report_shows_its_table_figures_and_provenance(project: Project, browser) -> None:

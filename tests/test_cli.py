@@ -1,17 +1,12 @@
-"""The daily-workflow commands on a real tiny project: compare, export, report, ui; and `-S KEY=VALUE`, one
-override of the params in every command that takes it (`lth run -S` writes it into params.yaml)."""
+"""The daily-workflow commands on a real tiny project: compare, export, report (`lth ui` is in test_browser);
+and `-S KEY=VALUE`, one override of the params in every command that takes it (`lth run -S` writes it into
+params.yaml)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,36 +97,6 @@ def test_export_cli_loads_in_plain_pytorch(trained: Project) -> None:
         assert torch.equal(doc["state_dict"][name], expected)
     bad = trained.lth("export", "--round", "5", check=False)
     assert bad.returncode != 0 and "round 5 is not in this experiment" in bad.stderr
-
-
-def test_ui_serves_the_project_store(project: Project, free_port: int) -> None:
-    port = free_port
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lth.cli", "ui", "--port", str(port)],
-        cwd=project.root,
-        env=project.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline, body = time.time() + 120, None
-        while time.time() < deadline and body is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    body = r.read().decode()
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read()
-                time.sleep(1)
-        assert body is not None and "OK" in body
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
-            assert r.status == 200 and "<html" in r.read().decode().lower()
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    assert f"http://127.0.0.1:{port}" in proc.stdout.read()
-    assert (project.root / "mlflow.db").exists()  # the store at the project root, not ./mlruns
 
 
 @pytest.mark.parametrize("command", ["run", "locate", "compare", "export", "ui", "report", "verify", "sweep report"])

@@ -36,17 +36,6 @@ def test_structure_mismatch_stops_before_any_training(make_project: Callable[...
     assert not (p.root / "runs").exists()
 
 
-def test_value_edit_then_plain_dvc_repro(make_project: Callable[..., Project], xor_params) -> None:
-    """Values (not structure) edited in params.yaml: plain `dvc repro` runs through evaluate, leaves dvc.yaml
-    as committed, and a second `dvc repro` has nothing to do."""
-    p = make_project(xor_params())
-    p.set_params({"training.lr": 0.002})
-    p.dvc("repro")
-    assert (p.root / "results" / "metrics.json").exists()
-    assert p.run("git", "status", "--porcelain", "dvc.yaml").stdout == ""
-    assert "didn't change" in p.dvc("repro").stdout or "up to date" in p.dvc("status").stdout
-
-
 def _artifacts(client: Any, run_id: str, path: str | None = None) -> dict[str, str]:
     """MD5 of every artifact of the run, by path (folders walked)."""
     out = {}
@@ -86,10 +75,10 @@ def _runs(uri: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def test_live_and_replayed_runs_are_identical(trained_project: Callable[..., Project], xor_params) -> None:
-    """The run a stage logs while training equals the run `lth sync-mlflow` replays from the DVC outputs."""
-    params = xor_params({"controls.random_reinit": True})
-    p, replay = trained_project(params), trained_project(params)  # two copies of one trained project
+def test_live_and_replayed_runs_are_identical(xor_with_reinit: Callable[[], Project]) -> None:
+    """The runs the stages logged while training (the ticket's, then the control's in a later `lth run`) equal
+    the runs `lth sync-mlflow` replays from the DVC outputs."""
+    p, replay = xor_with_reinit(), xor_with_reinit()  # two copies of one trained project
     live = _runs(p.tracking_uri)
     rounds = {k: r for k, r in live.items() if "lth.round" in r["tags"]}
     assert len(rounds) == 3  # ticket rounds 0-1 and the reinit control of round 1
@@ -109,16 +98,15 @@ def test_live_and_replayed_runs_are_identical(trained_project: Callable[..., Pro
             assert replayed[key][part] == run[part], f"{key}: {part} differs"
 
 
-def test_switching_on_a_control_keeps_the_ticket(trained_project: Callable[..., Project], xor_params) -> None:
+def test_switching_on_a_control_keeps_the_ticket(
+    trained_project: Callable[..., Project], xor_params, xor_with_reinit: Callable[[], Project]
+) -> None:
     """Controls are branches: the ticket's hash, stages and MLflow experiment stay; only the control trains."""
-    p = trained_project(xor_params())
-    before = p.lth("locate", "--no-mlflow").stdout.splitlines()[0]
-    p.set_params({"controls.random_reinit": True})
-    r = p.lth("run", "-j", "1")
-    out = r.stdout + r.stderr
-    assert p.lth("locate", "--no-mlflow").stdout.splitlines()[0] == before
-    assert "Running stage 'reinit_round_01'" in out
-    assert "Running stage 'ticket_round" not in out
+    before, p = trained_project(xor_params()), xor_with_reinit()  # the second: the first + random_reinit, `lth run`
+    assert "Running stage 'reinit_round_01'" in p.output
+    assert "Running stage 'ticket_round" not in p.output
+    hashes = [q.lth("locate", "--no-mlflow").stdout.splitlines()[0] for q in (before, p)]
+    assert hashes[0] == hashes[1]
     located = p.lth("locate").stdout
     assert "ticket-round01-trial0" in located and "reinit-round01-trial0" in located
 

@@ -150,12 +150,15 @@ def test_adding_rounds_keeps_earlier_ones(proj: Project) -> None:
 
 
 def test_changing_lr_retrains_and_going_back_restores_from_run_cache(proj: Project) -> None:
+    """A value (not the structure) edited in params.yaml: plain `dvc repro` retrains and leaves dvc.yaml as
+    committed; the old value again restores every output from DVC's run-cache."""
     before = output_digests(proj.root)
     proj.set_params({"training.lr": 0.002})
     out = proj.dvc("repro").stdout
     assert "prepare" not in trained_stages(out)
     assert {"ticket_round_00", "ticket_round_01", "ticket_round_02"} <= set(trained_stages(out))
     assert output_digests(proj.root) != before
+    assert proj.run("git", "status", "--porcelain", "dvc.yaml").stdout == ""
     proj.set_params({"training.lr": 0.0012})
     out = proj.dvc("repro").stdout
     assert [s for s in trained_stages(out) if s.startswith("ticket")] == [], out

@@ -30,8 +30,6 @@ def digests(root: Path) -> dict[str, str]:
     }
 
 
-@pytest.mark.slow
-@pytest.mark.mnist
 def clone_through_remote(alice: Project, tmp_path: Path) -> Project:
     """Alice commits her results and pushes them to a directory remote; Bob clones her repo and pulls them."""
     alice.dvc("remote", "add", "-d", "shared", str(tmp_path / "remote"))
@@ -44,6 +42,8 @@ def clone_through_remote(alice: Project, tmp_path: Path) -> Project:
     return bob
 
 
+@pytest.mark.slow  # LeNet on MNIST; the README's share_pull block checks the same on the shared XOR project
+@pytest.mark.mnist
 def test_collaborator_pulls_results_and_nothing_reruns(
     tmp_path: Path, make_project: Callable[..., Project], lenet_params
 ) -> None:
@@ -142,12 +142,12 @@ def browsed(uri: str) -> dict[str, Any]:
 
 
 def test_a_collaborator_syncs_the_same_mlflow_runs_after_dvc_pull(
-    tmp_path: Path, trained_project: Callable[..., Project], xor_params
+    tmp_path: Path, xor_with_reinit: Callable[[], Project]
 ) -> None:
     """A clone has its own store, empty after `dvc pull` (no stage runs); `lth sync-mlflow` logs the pulled
     outputs: the same experiment, trajectories, rounds (names, nesting, spans), metrics and artifacts as the
     store of the clone that computed them."""
-    alice = trained_project(xor_params({"controls.random_reinit": True}))
+    alice = xor_with_reinit()
     bob = clone_through_remote(alice, tmp_path)
     assert not (bob.root / "mlflow.db").exists()
     out = bob.lth("sync-mlflow").stdout

@@ -19,13 +19,22 @@ from typing import Any
 
 from lth.core import pruning
 from lth.core.data import identity, prepared_path
-from lth.core.hparams import Hparams, flatten
+from lth.core.hparams import Hparams
 from lth.core.registry import build_model
 from lth.lottery.layout import load_mask, read_curve, read_metrics, read_run_info, trial_dir
 from lth.lottery.trial import now_ms
 from lth.pipeline.render import stage_name
 from lth.pipeline.workspace import DATA_DIR, RUNS_DIR
-from lth.tracking.store import TAG_HASH, TAG_PARENT, TAG_ROUND_HASH, Tracker, param_text, retry, warn
+from lth.tracking.store import (
+    TAG_HASH,
+    TAG_PARENT,
+    TAG_ROUND_HASH,
+    Tracker,
+    param_text,
+    retry,
+    trajectory_params,
+    warn,
+)
 from lth.tracking.trajectory import finish_round, parent_run
 
 SOURCE = "stages/train_round.py"  # what trains (and logs) a trial
@@ -123,12 +132,14 @@ def provenance_tags(
 
 
 def log_data(tracker: Tracker, run_id: str, hp: Hparams, summary: dict[str, Any], directory: Path, at: int) -> None:
-    """Params (the hyperparameters), the dataset it trained on, summary metrics and the learning curve (step =
-    iteration), timestamped with the end of training."""
+    """Params (the trajectory's hyperparameters: a round is the same network whatever the controls and rounds
+    around it, so a run logged before a control was switched on equals its replay after), the dataset it
+    trained on, summary metrics and the learning curve (step = iteration), timestamped with the end of
+    training."""
     from mlflow.entities import Metric, Param
 
     client = tracker.client
-    params = [Param(k, param_text(v)) for k, v in flatten(hp.to_dict()).items()]
+    params = [Param(k, param_text(v)) for k, v in trajectory_params(hp).items()]
     items = [
         Metric(k, float(v), at, 0)
         for k, v in summary.items()
@@ -269,7 +280,7 @@ def log_instability(tracker: Tracker, hp: Hparams, directory: Path) -> str:
     for row in read_curve(directory):
         point = int(row["point"])
         metrics += [Metric(f"interpolation_{k}", row[k], end, point) for k in ("test_error", "test_loss", "alpha")]
-    params = [Param(k, param_text(v)) for k, v in flatten(hp.to_dict()).items()] + [Param("seed_b", str(s["seed_b"]))]
+    params = [Param(k, param_text(v)) for k, v in trajectory_params(hp).items()] + [Param("seed_b", str(s["seed_b"]))]
     _log_batches(tracker, run_id, params, metrics)
     client.log_artifact(run_id, str(directory / CURVE_FILE))
     retry(lambda: client.set_terminated(run_id, "FINISHED", end_time=end))
