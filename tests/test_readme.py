@@ -357,11 +357,19 @@ def bash(script: str) -> list[str]:
     return ["bash", "-c", "set -e\n" + script]
 
 
-def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str]:
-    done = subprocess.run(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900
+def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 900) -> tuple[int, str]:
+    """Run `cmd` in its own process group; past `timeout`, stop the whole group (a queue worker or a training
+    stage must not outlive the test) and fail with what it printed so far."""
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
-    return done.returncode, done.stdout
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"still running after {timeout:.0f} s, stopped; its output so far:\n{out}")
+    return proc.returncode, out
 
 
 def serve(cmd: list[str], cwd: Path, env: dict[str, str], port: str, path: str, log: Path) -> str:
@@ -469,7 +477,8 @@ def test_readme_block(block: Block, tmp_path: Path, make_project, xor_params, re
     elif how.server:
         out = serve(bash(script), cwd, project.env, str(free_port), how.server, tmp_path / "server.log")
     else:
-        status, out = run([sys.executable, "-c", script] if block.lang == "python" else bash(script), cwd, project.env)
+        cmd = [sys.executable, "-c", script] if block.lang == "python" else bash(script)
+        status, out = run(cmd, cwd, project.env, timeout=2700 if how.slow else 900)  # slow: queues of experiments
         assert status == 0, f"{where} failed ({status}):\n{script}\n{out}"
     for text in how.expect:
         assert fill(text, values) in out, f"{where}: {fill(text, values)!r} not in the output:\n{out}"
