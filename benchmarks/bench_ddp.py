@@ -15,32 +15,29 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tests' tiny params: the benchmark measures what the tests train
 
 from lth.lottery.layout import read_metrics, read_run_info  # noqa: E402
-from tests.conftest import LENET_TINY  # noqa: E402
+from tests.conftest import LENET_TINY, copy_code, write_params  # noqa: E402
 from tests.helpers import with_changes  # noqa: E402
 
 
 def train(work: Path, data: Path, iterations: int, processes: int) -> Path:
     """Ticket round 0 for `iterations` iterations by `processes` processes, in `work`; its trial 0 folder."""
     work.mkdir()
-    for name in ("stages", "src"):
-        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    copy_code(work)
     (work / "data").symlink_to(data)
     changes = {"training.iterations": iterations, "training.eval_every": iterations, "training.test_every": iterations}
     params = with_changes(LENET_TINY, changes | {"runtime.threads": 1, "runtime.processes_per_node": processes})
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(work / "params.yaml", params)
     cmd = [sys.executable, "stages/train_round.py", "--kind", "ticket", "--round", "0"]
     subprocess.run(cmd, cwd=work, check=True, capture_output=True, env=env(work))
     return work / "runs" / "ticket" / "round_00" / "trial_0"
@@ -67,9 +64,8 @@ def main() -> None:
         tmp = Path(tmp)
         prep = tmp / "prep"
         prep.mkdir()
-        shutil.copytree(ROOT / "stages", prep / "stages")
-        shutil.copytree(ROOT / "src", prep / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        (prep / "params.yaml").write_text(yaml.safe_dump(LENET_TINY, sort_keys=False))
+        copy_code(prep)
+        write_params(prep / "params.yaml", LENET_TINY)
         subprocess.run([sys.executable, "stages/prepare.py"], cwd=prep, check=True, capture_output=True)
         print("| iterations | max abs weight difference | weights bit-equal | test accuracy, 2 ranks / 1 process |")
         print("|---|---|---|---|")

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from lth.core import pruning
-from lth.core.checkpoint import Checkpointer, StopRequest
+from lth.core.checkpoint import StopRequest
 from lth.core.data import Data, Split, load_prepared, prepared_path
 from lth.core.environment import make_deterministic, numeric_environment
 from lth.core.evaluation import ProgressFn, evaluate
@@ -41,7 +41,7 @@ from lth.core.training import TrainJob, TrainResult, train
 from lth.lottery.branches import check_input, init_model, prepare_network, trial_seed
 from lth.lottery.layout import load_weights, read_metrics, trial_dir
 from lth.lottery.progress import RoundProgress
-from lth.lottery.trial import code_fingerprint, git_commit, now_ms
+from lth.lottery.trial import code_checkpointer, git_commit, now_ms
 
 INSTABILITY = "instability"  # runs/instability/...: the analysis' outputs, beside the trained kinds
 # Copy B's training seed: another data order than every ticket's and control's (branches: 1M and 2M offsets).
@@ -105,11 +105,7 @@ def train_copy_b(
     job = TrainJob(
         hp.training, seed, mask=mask, start_iteration=start, sparse=settings.sparse, label=label(hp, round_index, trial)
     )
-    checkpointer = None
-    if settings.checkpoint_seconds is not None:
-        identity = hp.round_hash(round_index, trial, INSTABILITY)
-        key = f"{identity}-seed{seed}-code-{code_fingerprint()[:12]}"  # other code or seed: start over
-        checkpointer = Checkpointer(settings.checkpoint_dir / f"{identity}.pt", key, settings.checkpoint_seconds)
+    checkpointer = code_checkpointer(settings, hp.round_hash(round_index, trial, INSTABILITY), f"-seed{seed}")
     result = train(model, data, job, checkpointer, progress, stop)
     if checkpointer is not None:
         checkpointer.remove()

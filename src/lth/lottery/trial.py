@@ -47,6 +47,16 @@ def git_commit() -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def code_checkpointer(settings: RuntimeSettings, identity: str, variant: str = "") -> Checkpointer | None:
+    """The periodic checkpoint of the network named `identity` (None when checkpoints are off). Its key holds
+    the code fingerprint and `variant` (e.g. a seed): a checkpoint of other code or another variant is never
+    resumed."""
+    if settings.checkpoint_seconds is None:
+        return None
+    key = f"{identity}{variant}-code-{code_fingerprint()[:12]}"
+    return Checkpointer(settings.checkpoint_dir / f"{identity}.pt", key, settings.checkpoint_seconds)
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -74,10 +84,7 @@ class Trial:
         return f"{self.kind} round {self.round_index}" + (f" trial {self.trial}" if self.hp.trials > 1 else "")
 
     def checkpointer(self, settings: RuntimeSettings) -> Checkpointer | None:
-        if settings.checkpoint_seconds is None:
-            return None
-        key = f"{self.round_hash}-code-{code_fingerprint()[:12]}"
-        return Checkpointer(settings.checkpoint_dir / f"{self.round_hash}.pt", key, settings.checkpoint_seconds)
+        return code_checkpointer(settings, self.round_hash)
 
     def finished_copy(self, settings: RuntimeSettings) -> Path:
         """Where a finished trial's outputs wait until its whole round is done: DVC deletes a stage's outputs
